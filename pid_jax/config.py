@@ -1,0 +1,301 @@
+"""Network and preset configuration: frozen dataclasses built from the JSON files in `configs/`.
+
+A preset JSON holds the upstream `PidNet(**kwargs)` arguments under `network` (upstream names, so a
+released experiment config can be pasted in), plus what the decoder needs around the network: the
+latent space, the sampler schedule and the Hub location. A plain JSON of upstream `PidNet` arguments
+(as in the parity fixtures) is accepted wherever a preset is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pid_jax.errors import ConfigError
+
+GATE_TYPES = ("sigma_aware_per_token", "sigma_aware_per_token_per_dim")
+PADDING_MODES = ("zeros", "replicate", "reflect")
+ROPE_MODES = ("original", "ntk_aware")
+STUDENT_T_LIST = (0.999, 0.866, 0.634, 0.342, 0.0)
+
+
+@dataclass(frozen=True)
+class PidNetConfig:
+    """Upstream `PidNet` constructor arguments, with upstream defaults and names."""
+
+    in_channels: int = 3
+    num_groups: int = 16
+    hidden_size: int = 1152
+    pixel_hidden_size: int = 64
+    pixel_attn_hidden_size: int | None = None
+    pixel_num_groups: int | None = None
+    patch_depth: int = 26
+    pixel_depth: int = 2
+    num_text_blocks: int = 4  # unused upstream (no text refine blocks are built)
+    patch_size: int = 16
+    txt_embed_dim: int = 4096
+    txt_max_length: int = 1024
+    use_text_rope: bool = True
+    text_rope_theta: float = 10000.0
+    rope_mode: str = "ntk_aware"
+    rope_ref_h: int = 1024
+    rope_ref_w: int = 1024
+    repa_encoder_index: int = -1  # training-only (REPA feature tap)
+    enable_ed: bool = False
+    ed_compress_ratio: int = 1
+    ed_depth_per_stage: int = 1
+    ed_window_size: int = 2
+    ed_num_heads: int | None = None
+    ed_hidden_size: int | None = None
+    ed_use_token_shuffle: bool = True
+    lq_inject_mode: str = "controlnet"
+    lq_in_channels: int = 3
+    lq_latent_channels: int = 0
+    lq_hidden_dim: int = 512
+    lq_num_res_blocks: int = 4
+    lq_latent_unpatchify_factor: int = 1
+    lq_aux_rgb_head: bool = False
+    lq_aux_rgb_head_latent_block_idx: int = -1
+    lq_conv_padding_mode: str = "zeros"
+    lq_gate_type: str = "sigma_aware_per_token_per_dim"
+    lq_interval: int = 1
+    zero_init_lq: bool = True  # init-only
+    train_lq_proj_only: bool = False  # training-only
+    sr_scale: int = 4
+    latent_spatial_down_factor: int = 8
+    pit_lq_inject: bool = False
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> PidNetConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown PidNet argument(s) {unknown}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def _validate(self) -> None:
+        def bad(msg: str) -> ConfigError:
+            return ConfigError(f"PidNet config: {msg}")
+
+        if self.lq_inject_mode != "controlnet":
+            raise bad(f"lq_inject_mode={self.lq_inject_mode!r} is not supported (expected 'controlnet')")
+        if self.lq_in_channels != 0:
+            raise bad(
+                f"lq_in_channels={self.lq_in_channels}: the LQ image branch is used by no released checkpoint "
+                "and is not implemented (expected 0)"
+            )
+        if self.enable_ed:
+            raise bad("enable_ed=True: the encoder-decoder path is used by no released checkpoint (expected False)")
+        if self.lq_latent_channels <= 0:
+            raise bad(f"lq_latent_channels={self.lq_latent_channels} (expected > 0: PiD decodes latents)")
+        if self.lq_gate_type not in GATE_TYPES:
+            raise bad(f"lq_gate_type={self.lq_gate_type!r} (expected one of {GATE_TYPES})")
+        if self.lq_conv_padding_mode not in PADDING_MODES:
+            raise bad(f"lq_conv_padding_mode={self.lq_conv_padding_mode!r} (expected one of {PADDING_MODES})")
+        if self.rope_mode not in ROPE_MODES:
+            raise bad(f"rope_mode={self.rope_mode!r} (expected one of {ROPE_MODES})")
+        if self.hidden_size % self.num_groups:
+            raise bad(f"hidden_size={self.hidden_size} not divisible by num_groups={self.num_groups}")
+        if self.pixel_attn_dim % self.pixel_heads:
+            raise bad(f"pixel_attn_hidden_size={self.pixel_attn_dim} not divisible by {self.pixel_heads} heads")
+        if self.pixel_depth <= 0 or self.patch_depth <= 0:
+            raise bad("patch_depth and pixel_depth must be > 0")
+        if self.lq_interval <= 0:
+            raise bad(f"lq_interval={self.lq_interval} (expected >= 1)")
+        f = self.lq_latent_unpatchify_factor
+        if f < 1 or self.latent_spatial_down_factor % f or self.lq_latent_channels % (f * f):
+            raise bad(
+                f"lq_latent_unpatchify_factor={f} must divide latent_spatial_down_factor="
+                f"{self.latent_spatial_down_factor} and its square must divide lq_latent_channels="
+                f"{self.lq_latent_channels}"
+            )
+        r = self.z_to_patch_ratio
+        if r < 1 and (1 / r) != int(1 / r):
+            raise bad(f"latent-to-patch ratio {r} is neither an integer upsample nor an integer fold")
+        if self.lq_aux_rgb_head and self.patch_size % self.sr_scale:
+            raise bad(f"aux RGB head needs patch_size % sr_scale == 0, got {self.patch_size}, {self.sr_scale}")
+
+    # Derived quantities, named as upstream computes them.
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_groups
+
+    @property
+    def pixel_attn_dim(self) -> int:
+        return self.pixel_attn_hidden_size if self.pixel_attn_hidden_size is not None else self.hidden_size
+
+    @property
+    def pixel_heads(self) -> int:
+        return self.pixel_num_groups if self.pixel_num_groups is not None else self.num_groups
+
+    @property
+    def num_lq_outputs(self) -> int:
+        return (self.patch_depth + self.lq_interval - 1) // self.lq_interval
+
+    @property
+    def rope_ref_grid(self) -> tuple[int, int]:
+        return self.rope_ref_h // self.patch_size, self.rope_ref_w // self.patch_size
+
+    @property
+    def effective_latent_down_factor(self) -> int:
+        return self.latent_spatial_down_factor // self.lq_latent_unpatchify_factor
+
+    @property
+    def effective_latent_channels(self) -> int:
+        return self.lq_latent_channels // self.lq_latent_unpatchify_factor**2
+
+    @property
+    def z_to_patch_ratio(self) -> float:
+        return self.sr_scale * self.effective_latent_down_factor / self.patch_size
+
+    @property
+    def latent_fold_factor(self) -> int:
+        r = self.z_to_patch_ratio
+        return int(round(1 / r)) if r < 1 else 1
+
+    @property
+    def latent_proj_in_channels(self) -> int:
+        return self.effective_latent_channels * self.latent_fold_factor**2
+
+    @property
+    def pixel_scale(self) -> int:
+        """Output pixels per latent element along each axis."""
+        return self.latent_spatial_down_factor * self.sr_scale
+
+    @property
+    def is_v1pt5(self) -> bool:
+        return self.pit_lq_inject
+
+
+@dataclass(frozen=True)
+class LatentSpec:
+    channels: int
+    vae_factor: int
+    noising: str = "flow"  # "flow": (1-s) z + s eps;  "vp": sqrt(1-s^2) z + s eps (SDXL)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    t_list: tuple[float, ...] = STUDENT_T_LIST
+    steps: int = 4
+    mode: str = "sde"
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    repo_id: str
+    filename: str
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    network: PidNetConfig
+    latent: LatentSpec
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    hub: HubSpec | None = None
+    variant: str | None = None
+    backbones: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "variant": self.variant, "backbones": list(self.backbones)}
+        d["network"] = self.network.to_dict()
+        d["latent"] = dataclasses.asdict(self.latent)
+        d["sampler"] = dataclasses.asdict(self.sampler)
+        d["sampler"]["t_list"] = list(self.sampler.t_list)
+        d["hub"] = dataclasses.asdict(self.hub) if self.hub else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> Preset:
+        if "network" not in d:
+            # A plain JSON of upstream PidNet arguments: derive what the decoder needs.
+            net = PidNetConfig.from_dict(d, source)
+            latent = LatentSpec(net.lq_latent_channels, net.latent_spatial_down_factor)
+            return cls(name=_name_from_source(source), network=net, latent=latent)
+        known = {"name", "network", "latent", "sampler", "hub", "variant", "backbones", "description"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown preset field(s) {unknown}")
+        net = PidNetConfig.from_dict(d["network"], source)
+        try:
+            latent = (
+                LatentSpec(**d["latent"])
+                if d.get("latent")
+                else LatentSpec(net.lq_latent_channels, net.latent_spatial_down_factor)
+            )
+            s = dict(d.get("sampler") or {})
+            if "t_list" in s:
+                s["t_list"] = tuple(float(v) for v in s["t_list"])
+            sampler = SamplerSpec(**s)
+            hub = HubSpec(**d["hub"]) if d.get("hub") else None
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        if latent.channels != net.lq_latent_channels:
+            raise ConfigError(
+                f"{source}: latent.channels={latent.channels} != network lq_latent_channels={net.lq_latent_channels}"
+            )
+        if latent.noising not in ("flow", "vp"):
+            raise ConfigError(f"{source}: latent.noising={latent.noising!r} (expected 'flow' or 'vp')")
+        return cls(
+            name=d.get("name", _name_from_source(source)),
+            network=net,
+            latent=latent,
+            sampler=sampler,
+            hub=hub,
+            variant=d.get("variant"),
+            backbones=tuple(d.get("backbones", ())),
+        )
+
+
+def _name_from_source(source: str) -> str:
+    p = Path(source)
+    return p.parent.name if p.stem == "config" and p.parent.name else p.stem
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in the package (one per released checkpoint)."""
+    root = resources.files("pid_jax.configs")
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".json") and p.name[:-5] not in _NON_PRESETS)
+
+
+_NON_PRESETS = {"chi_prompt", "demo"}
+
+
+def load_preset(name: str) -> Preset:
+    if name not in preset_names() and name != "demo":
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(preset_names())}")
+    text = resources.files("pid_jax.configs").joinpath(f"{name}.json").read_text()
+    return Preset.from_dict(json.loads(text), source=f"{name}.json")
+
+
+def load_config(spec: str | Path | dict | Preset) -> Preset:
+    """Resolve a preset name, a preset JSON file, a plain upstream-argument JSON file, or a dict."""
+    if isinstance(spec, Preset):
+        return spec
+    if isinstance(spec, dict):
+        return Preset.from_dict(spec)
+    s = str(spec)
+    p = Path(s)
+    if p.suffix == ".json" or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"config file {s} does not exist")
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{s}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{s}: expected a JSON object")
+        return Preset.from_dict(d, source=s)
+    return load_preset(s)

@@ -1,0 +1,109 @@
+"""Basic layers that keep PyTorch's parameter names and layouts.
+
+Weights stay in torch layout (`weight` [out, in], conv `weight` [out, in, kh, kw]) so that a released
+state dict maps onto the NNX state name for name, shape for shape, with no transposes to get wrong.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, scale: float = 0.02) -> jax.Array:
+    return scale * jax.random.normal(rngs.params(), shape, dtype)
+
+
+class Linear(nnx.Module):
+    def __init__(self, din: int, dout: int, *, bias: bool = True, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.weight = nnx.Param(_init(rngs, (dout, din), dtype, din**-0.5))
+        self.bias = nnx.Param(_init(rngs, (dout,), dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.weight[...]
+        # Explicit HIGHEST: GPUs otherwise use TF32-like float32 matmuls, which breaks parity.
+        y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype), precision=HIGHEST)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """Statistics in float32, cast back to the input dtype, then scaled (upstream order)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.weight = nnx.Param(1.0 + _init(rngs, (dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+        y = (xf * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+        return self.weight[...].astype(x.dtype) * y
+
+
+class GroupNorm(nnx.Module):
+    """torch.nn.GroupNorm on NHWC activations (biased variance, eps 1e-5, statistics in float32)."""
+
+    def __init__(self, groups: int, channels: int, eps: float = 1e-5, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.weight = nnx.Param(1.0 + _init(rngs, (channels,), dtype))
+        self.bias = nnx.Param(_init(rngs, (channels,), dtype))
+        self.groups = groups
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        xg = x.astype(jnp.float32).reshape(b, h, w, self.groups, c // self.groups)
+        mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
+        var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 4), keepdims=True)
+        y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
+        y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+_PAD_MODES = {"replicate": "edge", "reflect": "reflect"}
+
+
+class Conv2d(nnx.Module):
+    """torch.nn.Conv2d (stride 1, 'same' padding of k//2 in the given padding mode) on NHWC activations."""
+
+    def __init__(
+        self, din: int, dout: int, kernel: int, *, padding_mode: str = "zeros", rngs: nnx.Rngs, dtype=jnp.float32
+    ):
+        self.weight = nnx.Param(_init(rngs, (dout, din, kernel, kernel), dtype, (din * kernel * kernel) ** -0.5))
+        self.bias = nnx.Param(_init(rngs, (dout,), dtype))
+        self.padding_mode = padding_mode
+        self.kernel = kernel
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        p = self.kernel // 2
+        if p and self.padding_mode != "zeros":
+            x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode=_PAD_MODES[self.padding_mode])
+            pad = "VALID"
+        else:
+            pad = [(p, p), (p, p)]
+        y = jax.lax.conv_general_dilated(
+            x,
+            self.weight[...].astype(x.dtype),
+            window_strides=(1, 1),
+            padding=pad,
+            dimension_numbers=("NHWC", "OIHW", "NHWC"),
+            precision=HIGHEST,
+        )
+        return y + self.bias[...].astype(y.dtype)
+
+
+class SiLU(nnx.Module):
+    """Parameter-free placeholder so `nn.Sequential` indices line up with upstream keys."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.silu(x)
+
+
+def sequential(layers: list, x: jax.Array) -> jax.Array:
+    for layer in layers:
+        x = layer(x)
+    return x

@@ -1,0 +1,159 @@
+"""PidNet: the PixelDiT backbone plus the sigma-aware latent adapter, as one Flax NNX module.
+
+Attribute names mirror upstream (`lq_proj`, `patch_blocks`, `pixel_blocks`, `final_layer`, ...), so
+the released state dict maps onto `nnx.state(model)` by name. The adapter output depends on neither
+the noisy image nor t, so the sampler calls `lq_features` once per decode and `velocity` per step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pid_jax import rope
+from pid_jax.config import PidNetConfig
+from pid_jax.errors import InputError
+from pid_jax.layers import _init
+from pid_jax.lq_projection import LQProjection2D, build_gate
+from pid_jax.pixeldit import (
+    FinalLayer,
+    MMDiTBlockT2I,
+    PatchTokenEmbedder,
+    PiTBlock,
+    PixelTokenEmbedder,
+    TimestepConditioner,
+)
+
+Acts = dict[str, jax.Array]
+
+
+class PidNet(nnx.Module):
+    def __init__(self, cfg: PidNetConfig, *, rngs: nnx.Rngs, attn_impl: str = "auto"):
+        self.cfg = cfg
+        c, hid, ps = cfg.in_channels, cfg.hidden_size, cfg.patch_size
+        self.pixel_embedder = PixelTokenEmbedder(c, cfg.pixel_hidden_size, rngs=rngs)
+        self.s_embedder = PatchTokenEmbedder(c * ps * ps, hid, rngs=rngs)
+        self.t_embedder = TimestepConditioner(hid, rngs=rngs)
+        self.y_embedder = PatchTokenEmbedder(cfg.txt_embed_dim, hid, norm=True, rngs=rngs)
+        self.y_pos_embedding = nnx.Param(_init(rngs, (1, cfg.txt_max_length, hid), jnp.float32))
+        self.patch_blocks = nnx.List(
+            [MMDiTBlockT2I(hid, cfg.num_groups, attn_impl, rngs=rngs) for _ in range(cfg.patch_depth)]
+        )
+        self.pixel_blocks = nnx.List(
+            [
+                PiTBlock(cfg.pixel_hidden_size, hid, ps, cfg.pixel_attn_dim, cfg.pixel_heads, attn_impl, rngs=rngs)
+                for _ in range(cfg.pixel_depth)
+            ]
+        )
+        self.final_layer = FinalLayer(cfg.pixel_hidden_size, c, rngs=rngs)
+        self.lq_proj = LQProjection2D(cfg, rngs=rngs)
+        self.pit_lq_gate = build_gate(cfg, rngs) if cfg.pit_lq_inject else None
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """Compute dtype: that of the parameters (float32, or bfloat16 for the fast path)."""
+        return self.s_embedder.proj.weight[...].dtype
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        ps = self.cfg.patch_size
+        if height % ps or width % ps or height <= 0 or width <= 0:
+            raise InputError(f"image size {height}x{width} must be a positive multiple of the patch size {ps}")
+        return height // ps, width // ps
+
+    def lq_features(self, lq_latent: jax.Array, height: int, width: int) -> list[jax.Array]:
+        """Adapter features for an output of height x width: one per injection point (+ PiT head)."""
+        ph, pw = self.grid(height, width)
+        return self.lq_proj(lq_latent, ph, pw, self.dtype)
+
+    def velocity(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        y: jax.Array,
+        lq_feats: list[jax.Array],
+        degrade_sigma: jax.Array,
+        acts: Acts | None = None,
+    ) -> jax.Array:
+        """Velocity [B, 3, H, W] for noisy image x [B, 3, H, W] at network time t [B] (= t * 1000)."""
+        cfg, dt = self.cfg, self.dtype
+        b, c, h, w = x.shape
+        ph, pw = self.grid(h, w)
+        ps, hid = cfg.patch_size, cfg.hidden_size
+        x = x.astype(dt)
+        sigma = degrade_sigma.astype(jnp.float32)
+
+        # Patch tokens in unfold order: (channel, row, col) inside each patch.
+        patches = x.reshape(b, c, ph, ps, pw, ps).transpose(0, 2, 4, 1, 3, 5).reshape(b, ph * pw, c * ps * ps)
+        t_emb = self.t_embedder(t.reshape(-1), dt).reshape(b, 1, hid)
+        n_txt = min(y.shape[1], cfg.txt_max_length)
+        y_emb = self.y_embedder(y[:, :n_txt].astype(dt))
+        y_emb = y_emb + self.y_pos_embedding[...][:, :n_txt].astype(dt)
+        cond = jax.nn.silu(t_emb)
+
+        pos = tuple(jnp.asarray(a) for a in rope.rope_2d(cfg.head_dim, ph, pw, cfg.rope_mode, *cfg.rope_ref_grid))
+        pos_txt = (
+            tuple(jnp.asarray(a) for a in rope.rope_1d(cfg.head_dim, n_txt, cfg.text_rope_theta))
+            if cfg.use_text_rope
+            else None
+        )
+        n_out = cfg.num_lq_outputs
+        s = self.s_embedder(patches)
+        for i, blk in enumerate(self.patch_blocks):
+            if self.lq_proj.is_gate_active(i):
+                j = self.lq_proj.output_index(i)
+                s = self.lq_proj.gate_modules[j](s, lq_feats[j], sigma)
+                _put(acts, f"gate.{j}", s)
+            s, y_emb = blk(s, y_emb, cond, pos, pos_txt)
+            _put(acts, f"patch_block.{i}.0", s)
+            _put(acts, f"patch_block.{i}.1", y_emb)
+
+        s = jax.nn.silu(t_emb + s)
+        if self.pit_lq_gate is not None:
+            s = self.pit_lq_gate(s, lq_feats[n_out], sigma)
+            _put(acts, "pit_lq_gate", s)
+        s_cond = s.reshape(b * ph * pw, hid)
+
+        pix = self.pixel_embedder(x, ps)
+        pit_pos = tuple(
+            jnp.asarray(a)
+            for a in rope.rope_2d(cfg.pixel_attn_dim // cfg.pixel_heads, ph, pw, cfg.rope_mode, *cfg.rope_ref_grid)
+        )
+        for j, blk in enumerate(self.pixel_blocks):
+            pix = blk(pix, s_cond, b, pit_pos)
+            _put(acts, f"pixel_block.{j}", pix)
+        out = self.final_layer(pix)
+        _put(acts, "final_layer", out)
+        # Fold: [B*L, P2, C] back to [B, C, H, W].
+        out = out.reshape(b, ph, pw, ps, ps, c).transpose(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+        return out
+
+    def __call__(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        y: jax.Array,
+        lq_latent: jax.Array,
+        degrade_sigma: jax.Array,
+        acts: Acts | None = None,
+    ) -> jax.Array:
+        """One forward, as upstream `PidNet.forward(x, t, y, lq_latent=..., degrade_sigma=...)`."""
+        feats = self.lq_features(lq_latent, x.shape[2], x.shape[3])
+        for i, f in enumerate(feats):
+            _put(acts, f"lq_proj.{i}", f)
+        return self.velocity(x, t, y, feats, degrade_sigma, acts)
+
+
+def _put(acts: Acts | None, name: str, value: jax.Array) -> None:
+    if acts is not None:
+        acts[name] = value
+
+
+def init_pidnet(cfg: PidNetConfig, seed: int = 0, attn_impl: str = "auto") -> PidNet:
+    """A randomly initialised network (for demos, benchmarks and tests)."""
+    return PidNet(cfg, rngs=nnx.Rngs(seed), attn_impl=attn_impl)
+
+
+def abstract_pidnet(cfg: PidNetConfig, attn_impl: str = "auto") -> PidNet:
+    """The network with shape-only parameters (no memory): for coverage checks and loading."""
+    return nnx.eval_shape(lambda: PidNet(cfg, rngs=nnx.Rngs(0), attn_impl=attn_impl))
