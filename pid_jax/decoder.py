@@ -1,0 +1,267 @@
+"""The decoder API: latents (+ caption, sigma) in, images out.
+
+`decode` is the functional core, usable inside a caller's own `jit`, `vmap` or sharding:
+    graphdef, params = nnx.split(model)
+    images = jax.jit(lambda p, z, y, s, k: decode(nnx.merge(graphdef, p), z, y, s, k, height=H, width=W))(...)
+`PiDDecoder` wraps it with validation, caching of compiled programs, the Hub and the caption encoder.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pid_jax import hub, sampler
+from pid_jax.config import STUDENT_T_LIST, Preset
+from pid_jax.errors import InputError
+from pid_jax.modeling import PidNet
+from pid_jax.weights import load_cached, load_model, stderr_progress
+
+
+def decode(
+    model: PidNet,
+    latents: jax.Array,
+    caption_embeddings: jax.Array,
+    sigma: jax.Array,
+    key: jax.Array,
+    *,
+    height: int,
+    width: int,
+    steps: int = 4,
+    mode: str = "sde",
+    t_list: Sequence[float] = STUDENT_T_LIST,
+) -> jax.Array:
+    """Decode latents [B, C, h, w] to images [B, 3, height, width] in [-1, 1]. Pure: jit/vmap-safe."""
+    t_sched = sampler.t_schedule(steps, tuple(t_list))
+    b = latents.shape[0]
+    # The adapter sees neither x nor t: compute its features once, not once per step.
+    feats = model.lq_features(latents, height, width)
+    noise, draw = sampler.random_draws(key, (b, model.cfg.in_channels, height, width))
+    y = caption_embeddings
+
+    def velocity(x, t):
+        return model.velocity(x, t, y, feats, sigma)
+
+    return sampler.sample(velocity, noise, t_sched, draw, mode)
+
+
+def _as_array(name: str, a: Any) -> np.ndarray | jax.Array:
+    if isinstance(a, jax.Array):
+        return a
+    try:
+        return np.asarray(a)
+    except Exception as e:
+        raise InputError(f"{name}: cannot be read as an array ({type(e).__name__})") from None
+
+
+def _check_float(name: str, a) -> None:
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        raise InputError(f"{name}: dtype {a.dtype} is not a floating-point type (expected float16/bfloat16/float32)")
+    if not bool(jnp.isfinite(jnp.asarray(a, jnp.float32)).all()):
+        bad = int((~jnp.isfinite(jnp.asarray(a, jnp.float32))).sum())
+        raise InputError(f"{name}: contains {bad} NaN or Inf value(s)")
+
+
+def valid_sizes_hint(n: int, scale: int, patch: int) -> str:
+    lo = max(1, n - 4)
+    ok = [m for m in range(lo, n + 5) if (m * scale) % patch == 0]
+    return ", ".join(str(m) for m in ok[:6]) or "none nearby"
+
+
+class PiDDecoder:
+    """A loaded PiD network with its preset, ready to decode. Compiled programs are cached per shape."""
+
+    def __init__(
+        self,
+        preset: Preset,
+        model: PidNet,
+        *,
+        caption_encoder: Any = None,
+        progress: Callable[[str], None] | None = None,
+    ):
+        self.preset = preset
+        self.cfg = preset.network
+        self.graphdef, self.params = nnx.split(model)
+        self.dtype = model.dtype
+        self.caption_encoder = caption_encoder
+        self.progress = progress or (lambda _msg: None)
+        self._compiled: dict[tuple, Callable] = {}
+        self.timings: dict[str, float] = {}
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        backbone: str,
+        variant: str = "2k",
+        *,
+        dtype: str = "bfloat16",
+        cache_dir: str | Path | None = None,
+        revision: str | None = None,
+        attn_impl: str = "auto",
+        progress: Callable[[str], None] | None = None,
+    ) -> PiDDecoder:
+        """Download (once) and convert (once) a released checkpoint by upstream backbone name."""
+        preset = hub.resolve_preset(backbone, variant)
+        report = progress or (lambda _m: None)
+        report(f"resolving {preset.hub.repo_id}/{preset.hub.filename}")
+        path = hub.download(preset, cache_dir=cache_dir, revision=revision)
+        model = load_cached(path, preset, dtype, attn_impl, progress=report)
+        return cls(preset, model, progress=progress)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        config: str | Path | Preset | None = None,
+        *,
+        dtype: str = "bfloat16",
+        attn_impl: str = "auto",
+        progress: Callable[[str], None] | None = None,
+    ) -> PiDDecoder:
+        """A local `.pth`/`.safetensors` file (with `config`) or a converted directory."""
+        preset, model = load_model(path, config, dtype, attn_impl)
+        return cls(preset, model, progress=progress)
+
+    # --- validation ---------------------------------------------------------------------------
+    def output_size(self, latents_shape: tuple[int, ...], output_size: tuple[int, int] | None) -> tuple[int, int]:
+        _, _, h, w = latents_shape
+        scale, ps = self.cfg.pixel_scale, self.cfg.patch_size
+        if output_size is None:
+            hh, ww = h * scale, w * scale
+            if hh % ps or ww % ps:
+                raise InputError(
+                    f"latent size {h}x{w} gives a {hh}x{ww} image, not a multiple of {ps}; latent heights that "
+                    f"work near {h}: {valid_sizes_hint(h, scale, ps)}; "
+                    f"widths near {w}: {valid_sizes_hint(w, scale, ps)}"
+                )
+            return hh, ww
+        hh, ww = (int(output_size[0]), int(output_size[1]))
+        if hh <= 0 or ww <= 0 or hh % ps or ww % ps:
+            raise InputError(f"output_size {hh}x{ww} must be positive multiples of {ps}")
+        if self.cfg.z_to_patch_ratio <= 1 and (hh, ww) != (h * scale, w * scale):
+            raise InputError(
+                f"this network folds the latent onto the patch grid, so the output must be {h * scale}x{w * scale}"
+            )
+        return hh, ww
+
+    def prepare(
+        self,
+        latents: Any,
+        caption_embeddings: Any,
+        sigma: Any,
+        steps: int,
+        mode: str,
+        output_size: tuple[int, int] | None,
+    ) -> tuple[jax.Array, jax.Array, jax.Array, tuple[int, int]]:
+        """Validate every input before anything is compiled; returns device arrays and the output size."""
+        z = _as_array("latents", latents)
+        if z.ndim == 3:
+            z = z[None]
+        if z.ndim != 4:
+            raise InputError(f"latents: expected [B, C, h, w] (channels first), got shape {tuple(z.shape)}")
+        _check_float("latents", z)
+        c = self.preset.latent.channels
+        if z.shape[1] != c:
+            hint = " (channels-last input? pass [B, C, h, w])" if z.shape[-1] == c else ""
+            raise InputError(f"latents: {z.shape[1]} channels, but preset {self.preset.name} expects {c}{hint}")
+        b = z.shape[0]
+        hw = self.output_size(tuple(z.shape), output_size)
+        sampler.t_schedule(steps, self.preset.sampler.t_list)
+        sampler.check_mode(mode)
+
+        y = _as_array("caption_embeddings", caption_embeddings)
+        if y.ndim == 2:
+            y = y[None]
+        if y.ndim != 3 or y.shape[-1] != self.cfg.txt_embed_dim:
+            raise InputError(
+                f"caption_embeddings: expected [B, L, {self.cfg.txt_embed_dim}], got shape {tuple(y.shape)}"
+            )
+        if y.shape[0] != b:
+            raise InputError(f"caption_embeddings: {y.shape[0]} row(s) for {b} latent(s); give one per latent")
+        _check_float("caption_embeddings", y)
+
+        s = np.asarray(sigma, dtype=np.float64).reshape(-1) if not isinstance(sigma, jax.Array) else sigma.reshape(-1)
+        if s.shape[0] == 1:
+            s = jnp.broadcast_to(jnp.asarray(s, jnp.float32), (b,))
+        if s.shape[0] != b:
+            raise InputError(f"sigma: {s.shape[0]} values for {b} latent(s); give one, or one per latent")
+        s_np = np.asarray(s, np.float64)
+        if not np.isfinite(s_np).all() or (s_np < 0).any() or (s_np > 1).any():
+            raise InputError(f"sigma: {s_np.tolist()} outside the valid range [0, 1]")
+        return jnp.asarray(z, jnp.float32), jnp.asarray(y, jnp.float32), jnp.asarray(s, jnp.float32), hw
+
+    # --- decoding -----------------------------------------------------------------------------
+    def _program(self, shape_key: tuple, height: int, width: int, steps: int, mode: str) -> Callable:
+        if shape_key not in self._compiled:
+            graphdef, t_list = self.graphdef, self.preset.sampler.t_list
+
+            def run(params, z, y, s, key):
+                m = nnx.merge(graphdef, params)
+                return decode(m, z, y, s, key, height=height, width=width, steps=steps, mode=mode, t_list=t_list)
+
+            self._compiled[shape_key] = jax.jit(run)
+        return self._compiled[shape_key]
+
+    def decode_array(
+        self,
+        latents: Any,
+        caption_embeddings: Any = None,
+        *,
+        captions: Sequence[str] | None = None,
+        sigma: Any = 0.0,
+        seed: int = 0,
+        steps: int = 4,
+        mode: str = "sde",
+        output_size: tuple[int, int] | None = None,
+    ) -> jax.Array:
+        """Images [B, 3, H, W] in [-1, 1] (float32)."""
+        if (caption_embeddings is None) == (captions is None):
+            raise InputError("give exactly one of caption_embeddings and captions")
+        if captions is not None:
+            caption_embeddings = self.encode_captions(captions)
+        z, y, s, (h, w) = self.prepare(latents, caption_embeddings, sigma, steps, mode, output_size)
+        key = jax.random.key(int(seed))
+        shape_key = (tuple(z.shape), tuple(y.shape), h, w, steps, mode)
+        fresh = shape_key not in self._compiled
+        fn = self._program(shape_key, h, w, steps, mode)
+        if fresh:
+            self.progress(f"compiling the {steps}-step decoder for {z.shape[0]}x{h}x{w} ({jnp.dtype(self.dtype).name})")
+            t0 = time.perf_counter()
+            fn = fn.lower(self.params, z, y, s, key).compile()
+            self._compiled[shape_key] = fn
+            self.timings["compile_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(self.params, z, y, s, key))
+        self.timings["decode_s"] = time.perf_counter() - t0
+        return out
+
+    def __call__(self, latents: Any, caption_embeddings: Any = None, **kw: Any) -> np.ndarray:
+        """uint8 images [B, H, W, 3]; see `decode_array` for the arguments."""
+        return sampler.to_uint8(self.decode_array(latents, caption_embeddings, **kw))
+
+    def encode_captions(self, captions: Sequence[str]) -> np.ndarray:
+        if isinstance(captions, str):
+            captions = [captions]
+        if self.caption_encoder is None:
+            from pid_jax.gemma.encoder import CaptionEncoder
+
+            self.progress("loading the caption encoder (Gemma-2-2b-it)")
+            self.caption_encoder = CaptionEncoder.from_pretrained()
+        emb = self.caption_encoder.encode(list(captions))
+        if emb.shape[-1] != self.cfg.txt_embed_dim:
+            raise InputError(
+                f"caption encoder width {emb.shape[-1]} does not match the network's txt_embed_dim "
+                f"{self.cfg.txt_embed_dim}"
+            )
+        return emb
+
+
+__all__ = ["PiDDecoder", "decode", "stderr_progress"]
