@@ -1,0 +1,62 @@
+"""Parity of the JAX Gemma-2 decoder against a reference ``io.npz`` made with transformers."""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pid_jax.errors import CheckpointError, InputError
+from pid_jax.gemma.config import GemmaConfig
+from pid_jax.gemma.modeling import make_forward, resolve_dtype
+
+__all__ = ["gemma_parity", "rel_l2"]
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    """||a - b|| / ||b|| in float64 (0 when both are zero)."""
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    den = float(np.linalg.norm(b64))
+    num = float(np.linalg.norm(a64 - b64))
+    return num / den if den else num
+
+
+def gemma_parity(
+    model_dir: str | os.PathLike, io_npz: str | os.PathLike, dtype: str = "float32"
+) -> list[tuple[str, tuple[int, ...], float, float]]:
+    """Run the decoder on ``io.npz``'s ``input_ids``/``attention_mask`` and compare ``last_hidden_state``.
+
+    ``model_dir`` holds ``config.json`` and the safetensors; parameters are loaded in ``dtype`` and the
+    forward computes in ``dtype`` (float32 or bfloat16). Returns ``(name, shape, rel_l2, max_abs)`` for
+    the whole tensor, then one entry per batch row (``last_hidden_state[i]``): padded positions included.
+    """
+    from convert.gemma import load_gemma_model
+
+    dtype = resolve_dtype(dtype)
+    cfg = GemmaConfig.from_json(os.path.join(model_dir, "config.json"))
+    try:
+        with np.load(io_npz) as z:
+            ids, mask, ref = z["input_ids"], z["attention_mask"], z["last_hidden_state"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{io_npz}: cannot read reference ({type(e).__name__}: {e})") from None
+    if ids.ndim != 2 or mask.shape != ids.shape or ref.shape[:2] != ids.shape:
+        raise InputError(
+            f"{io_npz}: inconsistent shapes ids {ids.shape}, mask {mask.shape}, hidden {ref.shape}"
+        )
+    graphdef, state = nnx.split(load_gemma_model(model_dir, cfg, param_dtype=dtype, dtype=dtype))
+    out = make_forward(graphdef)(state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
+    out = np.asarray(out.astype(jnp.float32))
+    ref = ref.astype(np.float32)
+    rows = [("last_hidden_state", tuple(ref.shape), rel_l2(out, ref), float(np.abs(out - ref).max()))]
+    for i in range(ref.shape[0]):
+        rows.append(
+            (
+                f"last_hidden_state[{i}]",
+                tuple(ref[i].shape),
+                rel_l2(out[i], ref[i]),
+                float(np.abs(out[i] - ref[i]).max()),
+            )
+        )
+    return rows
