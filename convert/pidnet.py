@@ -17,7 +17,7 @@ from flax import nnx
 
 from pid_jax.config import PidNetConfig
 from pid_jax.errors import CheckpointError
-from pid_jax.modeling import PidNet, abstract_pidnet
+from pid_jax.modeling import PidNet, abstract_pidnet, assign_params
 
 # Prefix handling, in upstream's order of preference: the trained network lives under `net.`; other
 # members of a training checkpoint (EMA copy, distillation critics) are not part of the decoder.
@@ -136,18 +136,18 @@ def _describe(source: str, unexpected: list, mismatched: list, missing: list, sh
 
 
 def load_into(model: PidNet, mapped: Mapping[str, np.ndarray], dtype=jnp.float32) -> PidNet:
-    """Write mapped arrays into an (abstract or concrete) model; returns the concrete model."""
-    graphdef, state = nnx.split(model)
-    flat = dict(nnx.to_flat_state(state))
-    for path, var in flat.items():
-        key = path_to_key(path)
+    """Write mapped arrays into an (abstract or concrete) model; returns the concrete model.
+
+    Values go through float32 first: the files are bf16 and upstream promotes them into a float32
+    network before any autocast.
+    """
+
+    def value(key: str, shape: tuple[int, ...]) -> np.ndarray:
         if key not in mapped:
             raise CheckpointError(f"internal: no value for {key}")
-        # log_alpha and other parameters go through float32 first: the files are bf16 and upstream
-        # promotes them to the float32 network before autocast.
-        arr = np.asarray(mapped[key]).astype(np.float32)
-        var.set_value(jnp.asarray(arr, dtype=dtype))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+        return mapped[key]
+
+    return assign_params(model, value, dtype)
 
 
 def state_dict_of(model: PidNet) -> dict[str, np.ndarray]:

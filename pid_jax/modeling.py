@@ -7,8 +7,11 @@ the noisy image nor t, so the sampler calls `lq_features` once per decode and `v
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pid_jax import rope
@@ -149,9 +152,35 @@ def _put(acts: Acts | None, name: str, value: jax.Array) -> None:
         acts[name] = value
 
 
-def init_pidnet(cfg: PidNetConfig, seed: int = 0, attn_impl: str = "auto") -> PidNet:
-    """A randomly initialised network (for demos, benchmarks and tests)."""
-    return PidNet(cfg, rngs=nnx.Rngs(seed), attn_impl=attn_impl)
+def assign_params(model: PidNet, value: Callable[[str, tuple[int, ...]], np.ndarray], dtype=jnp.float32) -> PidNet:
+    """A concrete model whose parameter at upstream key k is value(k, shape), cast to dtype."""
+    graphdef, state = nnx.split(model)
+    flat = dict(nnx.to_flat_state(state))
+    for path, var in flat.items():
+        key = ".".join(str(p) for p in path)
+        var.set_value(jnp.asarray(np.asarray(value(key, tuple(var.shape)), np.float32), dtype=dtype))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def init_pidnet(cfg: PidNetConfig, seed: int = 0, attn_impl: str = "auto", dtype=jnp.float32) -> PidNet:
+    """A randomly initialised network (demos, benchmarks, tests), deterministic for a seed.
+
+    Drawn with numpy on the host: jax.random would compile a kernel per shape (or one slow program).
+    Scales keep activations O(1): fan-in scaling for matrices, 1 + noise for norm weights.
+    """
+    rng = np.random.default_rng(seed)
+
+    def value(key: str, shape: tuple[int, ...]) -> np.ndarray:
+        if key.endswith("log_alpha"):
+            return np.full(shape, np.log(5.0), np.float32)
+        n = rng.standard_normal(shape, dtype=np.float32)
+        if len(shape) >= 2 and key.endswith("weight"):
+            return n * np.float32(np.prod(shape[1:]) ** -0.5)
+        if key.endswith("weight"):  # norm scales
+            return 1.0 + 0.02 * n
+        return 0.02 * n
+
+    return assign_params(abstract_pidnet(cfg, attn_impl), value, dtype)
 
 
 def abstract_pidnet(cfg: PidNetConfig, attn_impl: str = "auto") -> PidNet:

@@ -1,0 +1,316 @@
+"""The `pid-jax` command: convert, parity, decode, demo, bench, encode-caption, presets.
+
+Every refused run prints one line `error: <what, where, expected>` and exits with code 2 (a traceback
+only with --debug), and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from pid_jax.errors import InputError, PidError
+
+
+def _progress(msg: str) -> None:
+    print(f"[pid-jax] {msg}", file=sys.stderr, flush=True)
+
+
+def _enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache, so a second CLI run does not recompile."""
+    import jax
+
+    d = os.environ.get("PID_JAX_COMPILATION_CACHE", str(Path.home() / ".cache" / "pid-jax" / "xla"))
+    if d and d != "0":
+        jax.config.update("jax_compilation_cache_dir", d)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def _size(s: str) -> tuple[int, int]:
+    try:
+        h, w = s.lower().split("x")
+        return int(h), int(w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 512x512, got {s!r}") from None
+
+
+def _mesh_arg(s: str) -> tuple[int, int]:
+    try:
+        d, q = s.lower().split("x")
+        return int(d), int(q)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected DxS (data x sequence), e.g. 1x4, got {s!r}") from None
+
+
+# --- verbs ------------------------------------------------------------------------------------------
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from pid_jax.config import load_preset, preset_names
+
+    for name in preset_names():
+        p = load_preset(name)
+        print(f"{name:<24} {p.variant:<14} {','.join(p.backbones):<40} {p.hub.filename if p.hub else ''}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from pid_jax.weights import convert_checkpoint
+
+    out, _ = convert_checkpoint(args.checkpoint, args.config, args.out, overwrite=args.overwrite, progress=_progress)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    from pid_jax import parity
+
+    if args.gemma:
+        if not args.io:
+            raise InputError("--gemma needs --io IO.npz")
+        from pid_jax.gemma.parity import gemma_parity
+
+        rows = [parity.Row(n, tuple(s), r, m) for n, s, r, m in gemma_parity(args.gemma, args.io, args.dtype)]
+        ok, text = parity.report(rows, parity.BOUNDS[("gemma", args.dtype)])
+        print(text)
+        return 0 if ok else 1
+    if not args.checkpoint:
+        raise InputError("parity needs --checkpoint (or --gemma DIR)")
+    sources = [x for x in (args.io, args.sampler, args.torch_reference) if x]
+    if len(sources) != 1:
+        raise InputError("give exactly one of --io, --sampler and --torch-reference")
+    from pid_jax.weights import load_model
+
+    preset, model = load_model(args.checkpoint, args.config, args.dtype, args.attn)
+    if args.mesh:
+        from pid_jax.sharding import shard_model
+
+        model = shard_model(model, args.mesh)
+    io_path = args.io
+    if args.torch_reference:
+        from pid_jax.torch_reference import dump_reference
+
+        io_path = dump_reference(
+            args.torch_reference, args.checkpoint, preset, size=args.size, python=args.torch_python, progress=_progress
+        )
+    if args.sampler:
+        rows = parity.sampler_parity(model, args.sampler)
+        bound = parity.BOUNDS[("sampler", args.dtype)]
+    else:
+        rows = parity.forward_parity(model, io_path)
+        bound = parity.BOUNDS[("forward", args.dtype)]
+    ok, text = parity.report(rows, bound)
+    print(text)
+    return 0 if ok else 1
+
+
+def _build_decoder(args: argparse.Namespace):
+    from pid_jax.decoder import PiDDecoder
+
+    if args.backbone and args.checkpoint:
+        raise InputError("give either --backbone or --checkpoint, not both")
+    if args.backbone:
+        return PiDDecoder.from_pretrained(
+            args.backbone, args.variant, dtype=args.dtype, cache_dir=args.cache_dir, progress=_progress
+        )
+    if not args.checkpoint:
+        raise InputError("decode needs --backbone NAME or --checkpoint FILE --config PRESET|JSON")
+    return PiDDecoder.from_checkpoint(args.checkpoint, args.config, dtype=args.dtype, progress=_progress)
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from pid_jax.io import EMBEDDING_KEYS, LATENT_KEYS, load_array, output_paths, settings_text, write_pngs
+    from pid_jax.sampler import to_uint8
+
+    if (args.prompt is None) == (args.caption_embeddings is None):
+        raise InputError("give exactly one of --prompt and --caption-embeddings")
+    latents = load_array(args.latent, "latent", LATENT_KEYS)
+    emb = load_array(args.caption_embeddings, "caption embeddings", EMBEDDING_KEYS) if args.caption_embeddings else None
+    if latents.ndim == 3:
+        latents = latents[None]
+    paths = output_paths(args.out, latents.shape[0] if latents.ndim == 4 else 1)
+    dec = _build_decoder(args)
+    if args.mesh:
+        from pid_jax.sharding import shard_decoder
+
+        shard_decoder(dec, args.mesh)
+    if args.prompt is not None:
+        captions = [args.prompt] * latents.shape[0]
+        if args.gemma:
+            from pid_jax.gemma.encoder import CaptionEncoder
+
+            dec.caption_encoder = CaptionEncoder.from_pretrained(args.gemma, dtype=args.dtype)
+        emb = dec.encode_captions(captions)
+        if args.free_encoder and dec.caption_encoder is not None:
+            dec.caption_encoder.release()
+    dec.prepare(latents, emb, args.sigma, args.steps, args.mode, args.output_size)  # refuse before compiling
+    x = dec.decode_array(
+        latents, emb, sigma=args.sigma, seed=args.seed, steps=args.steps, mode=args.mode, output_size=args.output_size
+    )
+    t = dec.timings
+    _progress(f"decoded {len(paths)} image(s) in {t.get('decode_s', 0):.2f} s ({args.steps} steps)")
+    settings = {
+        "preset": dec.preset.name,
+        "checkpoint": args.checkpoint or f"{args.backbone}/{args.variant}",
+        "sigma": args.sigma,
+        "steps": args.steps,
+        "seed": args.seed,
+        "mode": args.mode,
+        "dtype": args.dtype,
+        "prompt": args.prompt,
+        "pid_jax": __import__("pid_jax").__version__,
+    }
+    write_pngs(to_uint8(x), paths, {"pid-jax": settings_text(settings)})
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pid_jax.demo import run_demo
+
+    run_demo(args.out, size=args.size, steps=args.steps, seed=args.seed, dtype=args.dtype, progress=_progress)
+    return 0
+
+
+def cmd_encode_caption(args: argparse.Namespace) -> int:
+    from pid_jax.gemma.encoder import DEFAULT_REPO, CaptionEncoder
+    from pid_jax.io import write_npy
+
+    enc = CaptionEncoder.from_pretrained(args.gemma or DEFAULT_REPO, dtype=args.dtype, cache_dir=args.cache_dir)
+    emb = enc.encode(list(args.prompt))
+    write_npy(emb, args.out)
+    print(f"wrote {args.out} {list(emb.shape)}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pid_jax.bench import run_bench
+
+    result = run_bench(args, progress=_progress)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+# --- parser -----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pid-jax", description="PiD pixel-diffusion decoder in JAX")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    s = sub.add_parser("presets", help="list the presets (one per released checkpoint)")
+    s.set_defaults(fn=cmd_presets)
+
+    s = sub.add_parser("convert", help="convert a released .pth/.safetensors into a converted (Orbax) directory")
+    s.add_argument("checkpoint")
+    s.add_argument("--config", required=True, help="preset name or JSON (preset or upstream PidNet arguments)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=cmd_convert)
+
+    s = sub.add_parser("parity", help="compare against dumps of the PyTorch reference")
+    s.add_argument("--checkpoint", help=".pth, .safetensors or a converted directory")
+    s.add_argument("--config")
+    s.add_argument("--io", help="forward dump: in.*, out, act.*")
+    s.add_argument("--sampler", help="recorded sampler run: noise, eps.k, out")
+    s.add_argument("--gemma", help="Gemma-2 directory (config.json + safetensors); compares last_hidden_state")
+    s.add_argument("--torch-reference", metavar="UPSTREAM_DIR", help="dump the reference live (needs torch)")
+    s.add_argument("--torch-python", default=None, help="python with torch for --torch-reference")
+    s.add_argument("--size", type=_size, default=(256, 256), help="image size for --torch-reference")
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    s.add_argument("--attn", default="auto", help="attention implementation: auto, xla, blocked, cudnn")
+    s.add_argument("--mesh", type=_mesh_arg, help="DxS device mesh (data x sequence)")
+    s.set_defaults(fn=cmd_parity)
+
+    s = sub.add_parser("decode", help="decode latents to PNG images")
+    s.add_argument("--backbone", help="upstream backbone name (flux, flux2, sd3, sdxl, qwenimage, ...)")
+    s.add_argument("--variant", default="2k", help="2k, 2kto4k or 2kto4k_v1pt5")
+    s.add_argument("--checkpoint")
+    s.add_argument("--config")
+    s.add_argument("--cache-dir", help="Hugging Face cache directory (default: HF_HOME / HF_HUB_CACHE)")
+    s.add_argument("--latent", required=True, help=".npy, .npz or .safetensors, [B, C, h, w] or [C, h, w]")
+    s.add_argument("--prompt")
+    s.add_argument("--caption-embeddings", help=".npy/.npz/.safetensors [B, L, D]")
+    s.add_argument("--gemma", help="caption encoder directory or repo id (default Efficient-Large-Model/gemma-2-2b-it)")
+    s.add_argument("--free-encoder", action="store_true", help="release the caption encoder before decoding")
+    s.add_argument("--sigma", type=float, default=0.0)
+    s.add_argument("--steps", type=int, default=4)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--mode", default="sde", choices=("sde", "ode"))
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    s.add_argument("--output-size", type=_size)
+    s.add_argument("--mesh", type=_mesh_arg)
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_decode)
+
+    s = sub.add_parser("demo", help="offline demo on a small random network (no download)")
+    s.add_argument("--out", default="demo.png")
+    s.add_argument("--size", type=int, default=256, help="output side in pixels (multiple of 32)")
+    s.add_argument("--steps", type=int, default=4)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("encode-caption", help="encode captions with Gemma-2 into embeddings for reuse")
+    s.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    s.add_argument("--gemma", help="directory or repo id")
+    s.add_argument("--cache-dir")
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_encode_caption)
+
+    s = sub.add_parser("bench", help="benchmark decode speed and memory (optionally against the reference)")
+    s.add_argument("--preset", default="flux_2k")
+    s.add_argument("--random-weights", action="store_true", help="full-size random weights, no download")
+    s.add_argument("--checkpoint")
+    s.add_argument("--size", type=_size, default=(256, 256))
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--steps", type=int, default=4)
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--attn", default="auto")
+    s.add_argument("--mesh", type=_mesh_arg)
+    s.add_argument("--torch-reference", metavar="UPSTREAM_DIR")
+    s.add_argument("--torch-python", default=None)
+    s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    s.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        _enable_compilation_cache()
+        return args.fn(args)
+    except PidError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an unforeseen failure: still one line unless --debug
+        if args.debug:
+            raise
+        print(
+            f"error: internal {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (rerun with --debug)",
+            file=sys.stderr,
+        )
+        return 2
+    finally:
+        if args.debug:
+            print(f"[pid-jax] {args.verb} took {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
