@@ -86,10 +86,6 @@ def cmd_parity(args: argparse.Namespace) -> int:
     from pid_jax.weights import load_model
 
     preset, model = load_model(args.checkpoint, args.config, args.dtype, args.attn)
-    if args.mesh:
-        from pid_jax.sharding import shard_model
-
-        model = shard_model(model, args.mesh)
     io_path = args.io
     if args.torch_reference:
         from pid_jax.torch_reference import dump_reference
@@ -98,10 +94,10 @@ def cmd_parity(args: argparse.Namespace) -> int:
             args.torch_reference, args.checkpoint, preset, size=args.size, python=args.torch_python, progress=_progress
         )
     if args.sampler:
-        rows = parity.sampler_parity(model, args.sampler)
+        rows = parity.sampler_parity(model, args.sampler, mesh=args.mesh)
         bound = parity.BOUNDS[("sampler", args.dtype)]
     else:
-        rows = parity.forward_parity(model, io_path)
+        rows = parity.forward_parity(model, io_path, mesh=args.mesh)
         bound = parity.BOUNDS[("forward", args.dtype)]
     ok, text = parity.report(rows, bound)
     print(text)
@@ -135,9 +131,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     paths = output_paths(args.out, latents.shape[0] if latents.ndim == 4 else 1)
     dec = _build_decoder(args)
     if args.mesh:
-        from pid_jax.sharding import shard_decoder
-
-        shard_decoder(dec, args.mesh)
+        dec.set_mesh(args.mesh)
     if args.prompt is not None:
         captions = [args.prompt] * latents.shape[0]
         if args.gemma:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -94,6 +95,16 @@ class PiDDecoder:
         self.progress = progress or (lambda _msg: None)
         self._compiled: dict[tuple, Callable] = {}
         self.timings: dict[str, float] = {}
+        self.mesh = None
+
+    def set_mesh(self, mesh: Any) -> PiDDecoder:
+        """Run on a ('data', 'seq') mesh: a Mesh, or a (data, seq) shape over the available devices."""
+        from pid_jax import sharding
+
+        self.mesh = sharding.make_mesh(tuple(mesh)) if isinstance(mesh, tuple | list) else mesh
+        self.params = sharding.replicate(self.params, self.mesh)
+        self._compiled.clear()
+        return self
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -229,13 +240,21 @@ class PiDDecoder:
             caption_embeddings = self.encode_captions(captions)
         z, y, s, (h, w) = self.prepare(latents, caption_embeddings, sigma, steps, mode, output_size)
         key = jax.random.key(int(seed))
-        shape_key = (tuple(z.shape), tuple(y.shape), h, w, steps, mode)
+        mesh_ctx = contextlib.nullcontext()
+        if self.mesh is not None:
+            from pid_jax import sharding
+
+            sharding.check_divisible(self.mesh, z.shape[0], h // self.cfg.patch_size)
+            z, y, s = (sharding.put(a, self.mesh, k) for a, k in ((z, "latent"), (y, "text"), (s, "batch")))
+            mesh_ctx = jax.set_mesh(self.mesh)
+        shape_key = (tuple(z.shape), tuple(y.shape), h, w, steps, mode, self.mesh is not None)
         fresh = shape_key not in self._compiled
         fn = self._program(shape_key, h, w, steps, mode)
         if fresh:
             self.progress(f"compiling the {steps}-step decoder for {z.shape[0]}x{h}x{w} ({jnp.dtype(self.dtype).name})")
             t0 = time.perf_counter()
-            fn = fn.lower(self.params, z, y, s, key).compile()
+            with mesh_ctx:
+                fn = fn.lower(self.params, z, y, s, key).compile()
             self._compiled[shape_key] = fn
             self.timings["compile_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -27,6 +27,7 @@ from pid_jax.pixeldit import (
     PixelTokenEmbedder,
     TimestepConditioner,
 )
+from pid_jax.sharding import constrain
 
 Acts = dict[str, jax.Array]
 
@@ -67,7 +68,7 @@ class PidNet(nnx.Module):
     def lq_features(self, lq_latent: jax.Array, height: int, width: int) -> list[jax.Array]:
         """Adapter features for an output of height x width: one per injection point (+ PiT head)."""
         ph, pw = self.grid(height, width)
-        return self.lq_proj(lq_latent, ph, pw, self.dtype)
+        return [constrain(f, "tokens") for f in self.lq_proj(lq_latent, ph, pw, self.dtype)]
 
     def velocity(
         self,
@@ -83,7 +84,7 @@ class PidNet(nnx.Module):
         b, c, h, w = x.shape
         ph, pw = self.grid(h, w)
         ps, hid = cfg.patch_size, cfg.hidden_size
-        x = x.astype(dt)
+        x = constrain(x.astype(dt), "image")
         sigma = degrade_sigma.astype(jnp.float32)
 
         # Patch tokens in unfold order: (channel, row, col) inside each patch.
@@ -101,13 +102,15 @@ class PidNet(nnx.Module):
             else None
         )
         n_out = cfg.num_lq_outputs
-        s = self.s_embedder(patches)
+        s = constrain(self.s_embedder(patches), "tokens")
+        y_emb = constrain(y_emb, "text")
         for i, blk in enumerate(self.patch_blocks):
             if self.lq_proj.is_gate_active(i):
                 j = self.lq_proj.output_index(i)
                 s = self.lq_proj.gate_modules[j](s, lq_feats[j], sigma)
                 _put(acts, f"gate.{j}", s)
             s, y_emb = blk(s, y_emb, cond, pos, pos_txt)
+            s, y_emb = constrain(s, "tokens"), constrain(y_emb, "text")
             _put(acts, f"patch_block.{i}.0", s)
             _put(acts, f"patch_block.{i}.1", y_emb)
 
@@ -117,19 +120,19 @@ class PidNet(nnx.Module):
             _put(acts, "pit_lq_gate", s)
         s_cond = s.reshape(b * ph * pw, hid)
 
-        pix = self.pixel_embedder(x, ps)
+        pix = constrain(self.pixel_embedder(x, ps), "pixels")
         pit_pos = tuple(
             jnp.asarray(a)
             for a in rope.rope_2d(cfg.pixel_attn_dim // cfg.pixel_heads, ph, pw, cfg.rope_mode, *cfg.rope_ref_grid)
         )
         for j, blk in enumerate(self.pixel_blocks):
-            pix = blk(pix, s_cond, b, pit_pos)
+            pix = constrain(blk(pix, s_cond, b, pit_pos), "pixels")
             _put(acts, f"pixel_block.{j}", pix)
         out = self.final_layer(pix)
         _put(acts, "final_layer", out)
         # Fold: [B*L, P2, C] back to [B, C, H, W].
         out = out.reshape(b, ph, pw, ps, ps, c).transpose(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
-        return out
+        return constrain(out, "image")
 
     def __call__(
         self,

@@ -7,6 +7,7 @@ float32 reference: 3e-2). The report ends with exactly one PASS or FAIL line.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pid_jax import sampler
 from pid_jax.errors import InputError
@@ -81,7 +84,20 @@ def _load_npz(path: str | Path, required: list[str]) -> dict[str, np.ndarray]:
     return data
 
 
-def forward_parity(model: PidNet, io_path: str | Path) -> list[Row]:
+def _on_mesh(state, args: list, mesh, batch: int, height: int, batch_axes: list[int] | None = None):
+    """Replicate the parameters and put each argument's batch axis on 'data' (no-op without a mesh)."""
+    if mesh is None:
+        return state, args, contextlib.nullcontext()
+    from pid_jax import sharding
+
+    mesh = sharding.make_mesh(tuple(mesh)) if isinstance(mesh, tuple | list) else mesh
+    sharding.check_divisible(mesh, batch, height // 16)
+    axes = batch_axes or [0] * len(args)
+    args = [jax.device_put(a, NamedSharding(mesh, P(*([None] * ax), "data"))) for a, ax in zip(args, axes, strict=True)]
+    return sharding.replicate(state, mesh), args, jax.set_mesh(mesh)
+
+
+def forward_parity(model: PidNet, io_path: str | Path, mesh=None) -> list[Row]:
     """Run one forward on the file's `in.*` and compare `out` and every `act.*` we produce."""
     d = _load_npz(io_path, ["in.x", "in.t", "in.y", "in.lq_latent", "in.degrade_sigma", "out"])
     graphdef, state = nnx.split(model)
@@ -94,7 +110,9 @@ def forward_parity(model: PidNet, io_path: str | Path) -> list[Row]:
         return out, acts
 
     args = [jnp.asarray(d[k]) for k in ("in.x", "in.t", "in.y", "in.lq_latent", "in.degrade_sigma")]
-    out, acts = run(state, *args)
+    state, args, ctx = _on_mesh(state, args, mesh, d["in.x"].shape[0], d["in.x"].shape[2])
+    with ctx:
+        out, acts = run(state, *args)
     rows = []
     for k in sorted(d):
         if k.startswith("act.") and k[4:] in acts:
@@ -103,7 +121,7 @@ def forward_parity(model: PidNet, io_path: str | Path) -> list[Row]:
     return rows
 
 
-def sampler_parity(model: PidNet, path: str | Path) -> list[Row]:
+def sampler_parity(model: PidNet, path: str | Path, mesh=None) -> list[Row]:
     """Replay a recorded student run (initial noise and every draw) and compare the image and per-step tensors."""
     d = _load_npz(path, ["noise", "t_list", "y", "lq_latent", "degrade_sigma", "out"])
     steps = _steps_of(d, Path(path))
@@ -119,7 +137,11 @@ def sampler_parity(model: PidNet, path: str | Path) -> list[Row]:
         feats = m.lq_features(z, h, w)
         return sampler.sample(lambda x, t: m.velocity(x, t, y, feats, s), noise, t_sched, eps, return_steps=True)
 
-    out, per = run(state, noise, eps, jnp.asarray(d["y"]), jnp.asarray(d["lq_latent"]), jnp.asarray(d["degrade_sigma"]))
+    args = [noise, jnp.asarray(eps), jnp.asarray(d["y"]), jnp.asarray(d["lq_latent"]), jnp.asarray(d["degrade_sigma"])]
+    # The recorded draws are stacked over steps: their batch axis is the second.
+    state, args, ctx = _on_mesh(state, args, mesh, noise.shape[0], h, batch_axes=[0, 1, 0, 0, 0])
+    with ctx:
+        out, per = run(state, *args)
     rows = []
     for k in range(steps):
         for name in ("v", "x0"):
