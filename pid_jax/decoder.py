@@ -22,6 +22,7 @@ from flax import nnx
 from pid_jax import hub, sampler
 from pid_jax.config import STUDENT_T_LIST, Preset
 from pid_jax.errors import InputError
+from pid_jax.memory import check_fits
 from pid_jax.modeling import PidNet
 from pid_jax.weights import load_cached, load_model, stderr_progress
 
@@ -185,6 +186,8 @@ class PiDDecoder:
             raise InputError(f"latents: {z.shape[1]} channels, but preset {self.preset.name} expects {c}{hint}")
         b = z.shape[0]
         hw = self.output_size(tuple(z.shape), output_size)
+        devices = self.mesh.size if self.mesh is not None else 1
+        check_fits(self.cfg, b, hw[0], hw[1], jnp.dtype(self.dtype).itemsize, devices)
         sampler.t_schedule(steps, self.preset.sampler.t_list)
         sampler.check_mode(mode)
 
