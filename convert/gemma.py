@@ -8,6 +8,7 @@ and all problems are reported together in one :class:`pid_jax.errors.CheckpointE
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -82,8 +83,14 @@ def abstract_gemma_state(cfg: GemmaConfig, param_dtype: str | jnp.dtype = jnp.fl
     return nnx.state(abstract_gemma(cfg, param_dtype=param_dtype), nnx.Param)
 
 
+@functools.lru_cache(maxsize=8)
+def _shapes_cached(cfg: GemmaConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    # Shape evaluation of the full model takes seconds; configs are frozen (hashable), so cache it.
+    return tuple((_path_key(p), tuple(v.shape)) for p, v in nnx.to_flat_state(abstract_gemma_state(cfg)))
+
+
 def _nnx_shapes(cfg: GemmaConfig) -> dict[str, tuple[int, ...]]:
-    return {_path_key(p): tuple(v.shape) for p, v in nnx.to_flat_state(abstract_gemma_state(cfg))}
+    return dict(_shapes_cached(cfg))
 
 
 def gemma_expected_keys(cfg: GemmaConfig, prefix: str = HF_PREFIX) -> dict[str, tuple[int, ...]]:
@@ -231,7 +238,25 @@ def load_gemma_params(
     Names are validated from the headers first; tensors are then read one at a time and converted to
     ``param_dtype`` (bf16 -> float32 is exact), so host memory peaks at the result plus one tensor.
     """
-    param_dtype = resolve_dtype(param_dtype)
+    return _fill(abstract_gemma_state(cfg, param_dtype), source, cfg, resolve_dtype(param_dtype))
+
+
+def load_gemma_model(
+    source: str | os.PathLike | Sequence[str | os.PathLike],
+    cfg: GemmaConfig,
+    param_dtype: str | jnp.dtype = jnp.float32,
+    dtype: str | jnp.dtype | None = None,
+) -> Gemma2Model:
+    """A ready model: parameters in ``param_dtype``, computing in ``dtype`` (default: ``param_dtype``)."""
+    dtype = param_dtype if dtype is None else dtype
+    graphdef, state = nnx.split(abstract_gemma(cfg, param_dtype=param_dtype, dtype=dtype))
+    return nnx.merge(graphdef, _fill(state, source, cfg, resolve_dtype(param_dtype)))
+
+
+def _fill(
+    state: nnx.State, source: str | os.PathLike | Sequence[str | os.PathLike], cfg: GemmaConfig, param_dtype
+) -> nnx.State:
+    """Check the files against ``cfg``, then write every tensor into the abstract ``state``."""
     files, promised = _resolve(source)
     label = str(source) if isinstance(source, str | os.PathLike) else f"{len(files)} safetensors files"
     headers = _read_headers(files)
@@ -242,7 +267,6 @@ def load_gemma_params(
             raise CheckpointError(f"{label}: the index and the shard files disagree on {_show(wrong)}")
     mapped = check_checkpoint(headers, cfg, label)
 
-    state = abstract_gemma_state(cfg, param_dtype)
     flat = dict(nnx.to_flat_state(state))
     by_file: dict[Path, list[tuple[tuple, str]]] = {}
     for path in flat:
@@ -255,18 +279,6 @@ def load_gemma_params(
                 flat[path].set_value(jnp.asarray(arr, dtype=param_dtype))
                 del arr
     return nnx.from_flat_state(flat)
-
-
-def load_gemma_model(
-    source: str | os.PathLike | Sequence[str | os.PathLike],
-    cfg: GemmaConfig,
-    param_dtype: str | jnp.dtype = jnp.float32,
-    dtype: str | jnp.dtype | None = None,
-) -> Gemma2Model:
-    """A ready model: parameters in ``param_dtype``, computing in ``dtype`` (default: ``param_dtype``)."""
-    dtype = param_dtype if dtype is None else dtype
-    graphdef, _ = nnx.split(abstract_gemma(cfg, param_dtype=param_dtype, dtype=dtype))
-    return nnx.merge(graphdef, load_gemma_params(source, cfg, param_dtype))
 
 
 def state_to_hf(model: Gemma2Model, prefix: str = HF_PREFIX) -> dict[str, np.ndarray]:
