@@ -1,10 +1,13 @@
 """Scaled dot-product attention over [B, N, H, D] tensors, with a choice of implementation.
 
 - "xla": the whole score matrix, softmax in float32. Exact reference semantics.
-- "blocked": online-softmax over key blocks and query blocks (flash-style), so the score matrix is
-  never materialised; this is what makes large images affordable on CPU.
+- "heads": one head at a time (and, for long sequences, one block of queries at a time) with an exact
+  softmax over all keys: the live score matrix stays cache-sized. Fastest on CPU (measured at 1324
+  tokens, 24 heads: 0.34 s against 0.75 s for "xla" and 0.28 s for torch's fused CPU kernel).
+- "blocked": online-softmax over key blocks and query blocks (flash-style), so no score matrix wider
+  than a block is ever formed, for sequences too long even for "heads".
 - "cudnn": `jax.nn.dot_product_attention` with cuDNN flash attention (NVIDIA GPUs, bf16/fp16).
-- "auto": cudnn on GPU for half precision, blocked for long sequences elsewhere, xla otherwise.
+- "auto": cudnn on GPU for half precision, heads on CPU, xla otherwise.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ import jax
 import jax.numpy as jnp
 
 HIGHEST = jax.lax.Precision.HIGHEST
-IMPLEMENTATIONS = ("auto", "xla", "blocked", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "heads", "blocked", "cudnn")
 
-# Below this many keys the full score matrix is small enough that blocking only adds overhead.
-_BLOCKED_MIN_KV = 2048
+# Above this many keys, "heads" also splits the queries so one head's scores stay about 64 MB.
+_HEADS_Q_BLOCK_KV = 4096
 
 
 def _xla(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -27,6 +30,24 @@ def _xla(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     p = jax.nn.softmax(s * scale, axis=-1)
     o = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, precision=HIGHEST)
     return o.astype(q.dtype)
+
+
+def _heads(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    b, nq, h, d = q.shape
+    nk = k.shape[1]
+    q_block = nq if nk <= _HEADS_Q_BLOCK_KV else max(128, (1 << 24) // nk)
+
+    def one_head(args):
+        qh, kh, vh = args  # [b, n, d]
+        if q_block >= nq:
+            return _xla(qh[:, :, None], kh[:, :, None], vh[:, :, None])[:, :, 0]
+        pad = -nq % q_block
+        qb = jnp.pad(qh, ((0, 0), (0, pad), (0, 0))).reshape(b, (nq + pad) // q_block, q_block, d)
+        out = jax.lax.map(lambda qi: _xla(qi[:, :, None], kh[:, :, None], vh[:, :, None])[:, :, 0], qb.swapaxes(0, 1))
+        return out.swapaxes(0, 1).reshape(b, nq + pad, d)[:, :nq]
+
+    heads_first = (q.transpose(2, 0, 1, 3), k.transpose(2, 0, 1, 3), v.transpose(2, 0, 1, 3))
+    return jax.lax.map(one_head, heads_first).transpose(1, 2, 0, 3)
 
 
 def _blocked(q: jax.Array, k: jax.Array, v: jax.Array, q_block: int = 1024, kv_block: int = 1024) -> jax.Array:
@@ -79,12 +100,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "auto") -> j
         on_gpu = jax.default_backend() == "gpu"
         if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16):
             impl = "cudnn"
-        elif not on_gpu and k.shape[1] >= _BLOCKED_MIN_KV:
-            impl = "blocked"
+        elif not on_gpu:
+            impl = "heads"
         else:
             impl = "xla"
     if impl == "xla":
         return _xla(q, k, v)
+    if impl == "heads":
+        return _heads(q, k, v)
     if impl == "blocked":
         return _blocked(q, k, v)
     if impl == "cudnn":
