@@ -75,19 +75,28 @@ def expected_shapes(cfg: PidNetConfig, include_skipped: bool = True) -> dict[str
     return out
 
 
-def select_network_keys(sd: Mapping[str, np.ndarray], report: ConversionReport) -> dict[str, np.ndarray]:
-    """Strip `net.`, drop other training members; a bare state dict (no `net.` keys) is taken as is."""
+def select_network_keys(
+    sd: Mapping[str, np.ndarray], report: ConversionReport
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Strip `net.`, drop other training members; a bare state dict (no `net.` keys) is taken as is.
+
+    Returns the network entries and, for a `net.`-prefixed file, its bare keys: those are unexpected,
+    and must never replace the `net.` entry of the same name.
+    """
     has_prefix = any(k.startswith(NETWORK_PREFIX) for k in sd)
     out: dict[str, np.ndarray] = {}
+    stray: list[str] = []
     for k, v in sd.items():
         dropped = next((p for p in DROPPED_PREFIXES if k.startswith(p)), None)
         if dropped:
             report.dropped[dropped] = report.dropped.get(dropped, 0) + 1
         elif has_prefix and k.startswith(NETWORK_PREFIX):
             out[k[len(NETWORK_PREFIX) :]] = v
+        elif has_prefix:
+            stray.append(k)
         else:
-            out[k] = v  # with a prefixed file, a bare key is unexpected and reported below
-    return out
+            out[k] = v
+    return out, stray
 
 
 def map_state_dict(
@@ -95,10 +104,10 @@ def map_state_dict(
 ) -> tuple[dict[str, np.ndarray], ConversionReport]:
     """Check and map a raw state dict; returns {upstream key: array} covering every network parameter."""
     report = ConversionReport()
-    net_sd = select_network_keys(sd, report)
+    net_sd, stray = select_network_keys(sd, report)
     want = expected_shapes(cfg, include_skipped=False)
     skipped_want = aux_head_shapes(cfg)
-    unexpected, mismatched, mapped = [], [], {}
+    unexpected, mismatched, mapped = list(stray), [], {}
     for k, v in net_sd.items():
         why = next((w for pat, w in SKIPPED.items() if re.match(pat, k)), None)
         if why is not None and k in skipped_want:
