@@ -7,6 +7,7 @@ identity on the remaining dotted path (`patch_blocks.3.attn.qkv_x.weight` -> ('p
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -66,10 +67,15 @@ def aux_head_shapes(cfg: PidNetConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
+@functools.lru_cache(maxsize=32)
+def _network_shapes(cfg: PidNetConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    state = nnx.state(abstract_pidnet(cfg), nnx.Param)
+    return tuple((path_to_key(p), tuple(v.shape)) for p, v in nnx.to_flat_state(state))
+
+
 def expected_shapes(cfg: PidNetConfig, include_skipped: bool = True) -> dict[str, tuple[int, ...]]:
     """Upstream state-dict keys (without `net.`) and shapes for this config, by shape evaluation only."""
-    state = nnx.state(abstract_pidnet(cfg), nnx.Param)
-    out = {path_to_key(p): tuple(v.shape) for p, v in nnx.to_flat_state(state)}
+    out = dict(_network_shapes(cfg))
     if include_skipped:
         out.update(aux_head_shapes(cfg))
     return out

@@ -13,12 +13,15 @@ from flax import nnx
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, scale: float = 0.02) -> jax.Array:
+def _init(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype, scale: float = 0.02) -> jax.Array:
+    # rngs=None builds placeholders: shape evaluation then traces no random draws (seconds at full size).
+    if rngs is None:
+        return jnp.zeros(shape, dtype)
     return scale * jax.random.normal(rngs.params(), shape, dtype)
 
 
 class Linear(nnx.Module):
-    def __init__(self, din: int, dout: int, *, bias: bool = True, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, din: int, dout: int, *, bias: bool = True, rngs: nnx.Rngs | None, dtype=jnp.float32):
         self.weight = nnx.Param(_init(rngs, (dout, din), dtype, din**-0.5))
         self.bias = nnx.Param(_init(rngs, (dout,), dtype)) if bias else None
 
@@ -34,7 +37,7 @@ class Linear(nnx.Module):
 class RMSNorm(nnx.Module):
     """Statistics in float32, cast back to the input dtype, then scaled (upstream order)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, dim: int, eps: float = 1e-6, *, rngs: nnx.Rngs | None, dtype=jnp.float32):
         self.weight = nnx.Param(1.0 + _init(rngs, (dim,), dtype))
         self.eps = eps
 
@@ -48,7 +51,7 @@ class RMSNorm(nnx.Module):
 class GroupNorm(nnx.Module):
     """torch.nn.GroupNorm on NHWC activations (biased variance, eps 1e-5, statistics in float32)."""
 
-    def __init__(self, groups: int, channels: int, eps: float = 1e-5, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, groups: int, channels: int, eps: float = 1e-5, *, rngs: nnx.Rngs | None, dtype=jnp.float32):
         self.weight = nnx.Param(1.0 + _init(rngs, (channels,), dtype))
         self.bias = nnx.Param(_init(rngs, (channels,), dtype))
         self.groups = groups
@@ -71,7 +74,7 @@ class Conv2d(nnx.Module):
     """torch.nn.Conv2d (stride 1, 'same' padding of k//2 in the given padding mode) on NHWC activations."""
 
     def __init__(
-        self, din: int, dout: int, kernel: int, *, padding_mode: str = "zeros", rngs: nnx.Rngs, dtype=jnp.float32
+        self, din: int, dout: int, kernel: int, *, padding_mode: str = "zeros", rngs: nnx.Rngs | None, dtype=jnp.float32
     ):
         self.weight = nnx.Param(_init(rngs, (dout, din, kernel, kernel), dtype, (din * kernel * kernel) ** -0.5))
         self.bias = nnx.Param(_init(rngs, (dout,), dtype))

@@ -23,7 +23,7 @@ class SigmaAwareGate(nnx.Module):
     gate are computed in float32, as upstream does even under autocast.
     """
 
-    def __init__(self, dim: int, per_dim: bool, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, per_dim: bool, *, rngs: nnx.Rngs | None):
         self.content_proj = Linear(2 * dim, dim if per_dim else 1, rngs=rngs)
         self.log_alpha = nnx.Param(jnp.asarray(np.log(5.0), jnp.float32))
 
@@ -34,14 +34,14 @@ class SigmaAwareGate(nnx.Module):
         return (x.astype(jnp.float32) + g * lq.astype(jnp.float32)).astype(x.dtype)
 
 
-def build_gate(cfg: PidNetConfig, rngs: nnx.Rngs) -> SigmaAwareGate:
+def build_gate(cfg: PidNetConfig, rngs: nnx.Rngs | None) -> SigmaAwareGate:
     return SigmaAwareGate(cfg.hidden_size, cfg.lq_gate_type == "sigma_aware_per_token_per_dim", rngs=rngs)
 
 
 class ResBlock(nnx.Module):
     """GroupNorm(4) SiLU Conv3x3 GroupNorm(4) SiLU Conv3x3, plus skip."""
 
-    def __init__(self, ch: int, padding_mode: str, *, rngs: nnx.Rngs):
+    def __init__(self, ch: int, padding_mode: str, *, rngs: nnx.Rngs | None):
         self.block = nnx.List(
             [
                 GroupNorm(4, ch, rngs=rngs),
@@ -94,7 +94,7 @@ def align_latent(z: jax.Array, cfg: PidNetConfig, ph: int, pw: int) -> jax.Array
 
 
 class LQProjection2D(nnx.Module):
-    def __init__(self, cfg: PidNetConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: PidNetConfig, *, rngs: nnx.Rngs | None):
         self.cfg = cfg
         hid, pm = cfg.lq_hidden_dim, cfg.lq_conv_padding_mode
         layers: list = [

@@ -33,7 +33,7 @@ Acts = dict[str, jax.Array]
 
 
 class PidNet(nnx.Module):
-    def __init__(self, cfg: PidNetConfig, *, rngs: nnx.Rngs, attn_impl: str = "auto"):
+    def __init__(self, cfg: PidNetConfig, *, rngs: nnx.Rngs | None, attn_impl: str = "auto"):
         self.cfg = cfg
         c, hid, ps = cfg.in_channels, cfg.hidden_size, cfg.patch_size
         self.pixel_embedder = PixelTokenEmbedder(c, cfg.pixel_hidden_size, rngs=rngs)
@@ -188,4 +188,4 @@ def init_pidnet(cfg: PidNetConfig, seed: int = 0, attn_impl: str = "auto", dtype
 
 def abstract_pidnet(cfg: PidNetConfig, attn_impl: str = "auto") -> PidNet:
     """The network with shape-only parameters (no memory): for coverage checks and loading."""
-    return nnx.eval_shape(lambda: PidNet(cfg, rngs=nnx.Rngs(0), attn_impl=attn_impl))
+    return nnx.eval_shape(lambda: PidNet(cfg, rngs=None, attn_impl=attn_impl))

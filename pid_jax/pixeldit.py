@@ -16,7 +16,7 @@ def adaln(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 class TimestepConditioner(nnx.Module):
-    def __init__(self, hidden: int, freq_dim: int = 256, *, rngs: nnx.Rngs):
+    def __init__(self, hidden: int, freq_dim: int = 256, *, rngs: nnx.Rngs | None):
         self.mlp = nnx.List([Linear(freq_dim, hidden, rngs=rngs), SiLU(), Linear(hidden, hidden, rngs=rngs)])
         self.freq_dim = freq_dim
 
@@ -26,7 +26,7 @@ class TimestepConditioner(nnx.Module):
 
 
 class PatchTokenEmbedder(nnx.Module):
-    def __init__(self, din: int, dout: int, *, norm: bool = False, rngs: nnx.Rngs):
+    def __init__(self, din: int, dout: int, *, norm: bool = False, rngs: nnx.Rngs | None):
         self.proj = Linear(din, dout, rngs=rngs)
         self.norm = RMSNorm(dout, rngs=rngs) if norm else None
 
@@ -36,7 +36,7 @@ class PatchTokenEmbedder(nnx.Module):
 
 
 class PixelTokenEmbedder(nnx.Module):
-    def __init__(self, cin: int, dout: int, *, rngs: nnx.Rngs):
+    def __init__(self, cin: int, dout: int, *, rngs: nnx.Rngs | None):
         self.proj = Linear(cin, dout, rngs=rngs)
         self.dout = dout
 
@@ -53,7 +53,7 @@ class PixelTokenEmbedder(nnx.Module):
 class FeedForward(nnx.Module):
     """SwiGLU without biases; hidden int(2 * hidden / 3) as upstream."""
 
-    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs | None):
         hidden = int(2 * hidden / 3)
         self.w1 = Linear(dim, hidden, bias=False, rngs=rngs)
         self.w3 = Linear(dim, hidden, bias=False, rngs=rngs)
@@ -66,7 +66,7 @@ class FeedForward(nnx.Module):
 class MLP(nnx.Module):
     """fc1, exact (erf) GELU, fc2."""
 
-    def __init__(self, dim: int, ratio: float = 4.0, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, ratio: float = 4.0, *, rngs: nnx.Rngs | None):
         self.fc1 = Linear(dim, int(dim * ratio), rngs=rngs)
         self.fc2 = Linear(int(dim * ratio), dim, rngs=rngs)
 
@@ -81,7 +81,7 @@ def _split_heads(x: jax.Array, heads: int) -> tuple[jax.Array, jax.Array, jax.Ar
 
 
 class MMDiTJointAttention(nnx.Module):
-    def __init__(self, dim: int, heads: int, attn_impl: str = "auto", *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, heads: int, attn_impl: str = "auto", *, rngs: nnx.Rngs | None):
         hd = dim // heads
         self.qkv_x = Linear(dim, 3 * dim, bias=False, rngs=rngs)
         self.qkv_y = Linear(dim, 3 * dim, bias=False, rngs=rngs)
@@ -115,7 +115,7 @@ class MMDiTJointAttention(nnx.Module):
 
 
 class MMDiTBlockT2I(nnx.Module):
-    def __init__(self, hidden: int, groups: int, attn_impl: str = "auto", *, rngs: nnx.Rngs):
+    def __init__(self, hidden: int, groups: int, attn_impl: str = "auto", *, rngs: nnx.Rngs | None):
         self.norm_x1 = RMSNorm(hidden, rngs=rngs)
         self.norm_y1 = RMSNorm(hidden, rngs=rngs)
         self.attn = MMDiTJointAttention(hidden, groups, attn_impl, rngs=rngs)
@@ -139,7 +139,7 @@ class MMDiTBlockT2I(nnx.Module):
 
 
 class RotaryAttention(nnx.Module):
-    def __init__(self, dim: int, heads: int, attn_impl: str = "auto", *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, heads: int, attn_impl: str = "auto", *, rngs: nnx.Rngs | None):
         self.qkv = Linear(dim, 3 * dim, bias=False, rngs=rngs)
         self.q_norm = RMSNorm(dim // heads, rngs=rngs)
         self.k_norm = RMSNorm(dim // heads, rngs=rngs)
@@ -166,7 +166,7 @@ class PiTBlock(nnx.Module):
         heads: int,
         attn_impl: str = "auto",
         *,
-        rngs: nnx.Rngs,
+        rngs: nnx.Rngs | None,
     ):
         p2 = patch * patch
         self.compress_to_attn = Linear(p2 * pixel_dim, attn_dim, rngs=rngs)
@@ -190,7 +190,7 @@ class PiTBlock(nnx.Module):
 
 
 class FinalLayer(nnx.Module):
-    def __init__(self, hidden: int, out: int, *, rngs: nnx.Rngs):
+    def __init__(self, hidden: int, out: int, *, rngs: nnx.Rngs | None):
         self.norm = RMSNorm(hidden, rngs=rngs)
         self.linear = Linear(hidden, out, rngs=rngs)
 
