@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -66,9 +67,23 @@ def _as_array(name: str, a: Any) -> np.ndarray | jax.Array:
 def _check_float(name: str, a) -> None:
     if not jnp.issubdtype(a.dtype, jnp.floating):
         raise InputError(f"{name}: dtype {a.dtype} is not a floating-point type (expected float16/bfloat16/float32)")
-    if not bool(jnp.isfinite(jnp.asarray(a, jnp.float32)).all()):
-        bad = int((~jnp.isfinite(jnp.asarray(a, jnp.float32))).sum())
-        raise InputError(f"{name}: contains {bad} NaN or Inf value(s)")
+    finite = jnp.isfinite(jnp.asarray(a, jnp.float32))
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        first = tuple(int(i) for i in np.unravel_index(int(jnp.argmin(finite)), a.shape))
+        raise InputError(
+            f"{name}: contains {bad} NaN or Inf value(s), the first at index {first}; expected finite values"
+        )
+
+
+def _check_seed(seed: Any) -> int:
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        value = None
+    if value is None or not -(2**63) <= value < 2**63:
+        raise InputError(f"seed={seed!r}: expected an integer in [-2**63, 2**63)")
+    return value
 
 
 def valid_sizes_hint(n: int, scale: int, patch: int) -> str:
@@ -179,6 +194,8 @@ class PiDDecoder:
             z = z[None]
         if z.ndim != 4:
             raise InputError(f"latents: expected [B, C, h, w] (channels first), got shape {tuple(z.shape)}")
+        if 0 in z.shape:
+            raise InputError(f"latents: empty shape {tuple(z.shape)}; expected at least one latent of at least 1x1")
         _check_float("latents", z)
         c = self.preset.latent.channels
         if z.shape[1] != c:
@@ -202,15 +219,16 @@ class PiDDecoder:
             raise InputError(f"caption_embeddings: {y.shape[0]} row(s) for {b} latent(s); give one per latent")
         _check_float("caption_embeddings", y)
 
-        s = np.asarray(sigma, dtype=np.float64).reshape(-1) if not isinstance(sigma, jax.Array) else sigma.reshape(-1)
-        if s.shape[0] == 1:
-            s = jnp.broadcast_to(jnp.asarray(s, jnp.float32), (b,))
-        if s.shape[0] != b:
+        try:
+            s = np.asarray(sigma, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise InputError(f"sigma: {sigma!r} is not a number; expected values in the valid range [0, 1]") from None
+        if s.shape[0] not in (1, b):
             raise InputError(f"sigma: {s.shape[0]} values for {b} latent(s); give one, or one per latent")
-        s_np = np.asarray(s, np.float64)
-        if not np.isfinite(s_np).all() or (s_np < 0).any() or (s_np > 1).any():
-            raise InputError(f"sigma: {s_np.tolist()} outside the valid range [0, 1]")
-        return jnp.asarray(z, jnp.float32), jnp.asarray(y, jnp.float32), jnp.asarray(s, jnp.float32), hw
+        if not np.isfinite(s).all() or (s < 0).any() or (s > 1).any():
+            raise InputError(f"sigma: {s.tolist()} outside the valid range [0, 1]")
+        s = jnp.broadcast_to(jnp.asarray(s, jnp.float32), (b,))
+        return jnp.asarray(z, jnp.float32), jnp.asarray(y, jnp.float32), s, hw
 
     # --- decoding -----------------------------------------------------------------------------
     def _program(self, shape_key: tuple, height: int, width: int, steps: int, mode: str) -> Callable:
@@ -241,8 +259,9 @@ class PiDDecoder:
             raise InputError("give exactly one of caption_embeddings and captions")
         if captions is not None:
             caption_embeddings = self.encode_captions(captions)
+        seed = _check_seed(seed)
         z, y, s, (h, w) = self.prepare(latents, caption_embeddings, sigma, steps, mode, output_size)
-        key = jax.random.key(int(seed))
+        key = jax.random.key(seed)
         mesh_ctx = contextlib.nullcontext()
         if self.mesh is not None:
             from pid_jax import sharding

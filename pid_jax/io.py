@@ -64,6 +64,7 @@ def write_pngs(images: np.ndarray, paths: Sequence[Path], metadata: dict[str, st
     for k, v in metadata.items():
         info.add_text(k, v)
     temps: list[tuple[str, Path]] = []
+    placed: list[Path] = []
     try:
         for img, path in zip(images, paths, strict=True):
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,17 +76,19 @@ def write_pngs(images: np.ndarray, paths: Sequence[Path], metadata: dict[str, st
                 os.fsync(f.fileno())
         for tmp, path in temps:
             os.replace(tmp, path)
+            placed.append(path)
     except OSError as e:
-        for tmp, _ in temps:
-            Path(tmp).unlink(missing_ok=True)
+        # A batch is all or nothing: also take back the images already renamed into place.
+        for p in (*(Path(t) for t, _ in temps), *placed):
+            p.unlink(missing_ok=True)
         if e.errno == errno.ENOSPC:
             raise PidError(
                 f"no space left on the device while writing {paths[0]}; partial files were removed"
             ) from None
         raise PidError(f"could not write {paths[0]}: {e}") from None
     except BaseException:
-        for tmp, _ in temps:
-            Path(tmp).unlink(missing_ok=True)
+        for p in (*(Path(t) for t, _ in temps), *placed):
+            p.unlink(missing_ok=True)
         raise
 
 
@@ -97,6 +100,11 @@ def write_npy(array: np.ndarray, path: str | Path) -> None:
         with os.fdopen(fd, "wb") as f:
             np.save(f, array)
         os.replace(tmp, p)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise PidError(f"no space left on the device while writing {p}; partial files were removed") from None
+        raise PidError(f"could not write {p}: {e}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -3,11 +3,13 @@
 A converted directory holds:
   config.json    the resolved preset (network arguments, latent space, sampler, Hub location)
   params/        an Orbax checkpoint of the network parameters (bfloat16, as released: lossless)
-  manifest.json  format version, the source file's size, mtime and SHA-256, and a CRC32 per tensor
+  manifest.json  format version, the source file's size, mtime, ctime and SHA-256, the SHA-256 of
+                 config.json, and a CRC32 per tensor
 
 It is written under a temporary name and renamed into place, with `manifest.json` written last, so
-an interrupted conversion leaves nothing that a later run accepts. Loading verifies every tensor's
-CRC32 against the manifest, so flipped bytes in a cache are caught, never used.
+an interrupted conversion leaves nothing that a later run accepts; an entry being replaced is first
+renamed aside, never deleted in place. Loading verifies config.json and every tensor's CRC32 against
+the manifest, so flipped bytes in a cache are caught, never used.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from convert.pidnet import ConversionReport, expected_shapes, load_into, map_sta
 from convert.torch_checkpoint import load_state_dict
 from pid_jax import __version__
 from pid_jax.config import Preset, load_config
-from pid_jax.errors import CheckpointError, PidError
+from pid_jax.errors import CheckpointError, InputError, PidError
 from pid_jax.modeling import PidNet, abstract_pidnet
 
 FORMAT_VERSION = 1
@@ -51,13 +53,13 @@ def _quiet(_: str) -> None:
 def resolve_dtype(name: str | Any) -> Any:
     if isinstance(name, str):
         if name not in DTYPES:
-            raise PidError(f"dtype {name!r} is not supported (expected one of {sorted(DTYPES)})")
+            raise InputError(f"dtype {name!r} is not supported (expected one of {sorted(DTYPES)})")
         return DTYPES[name]
     if name in (jnp.float32, np.float32):
         return jnp.float32
     if name in (jnp.bfloat16, ml_dtypes.bfloat16):
         return jnp.bfloat16
-    raise PidError(f"dtype {name!r} is not supported (expected float32 or bfloat16)")
+    raise InputError(f"dtype {name!r} is not supported (expected float32 or bfloat16)")
 
 
 def read_checkpoint(path: str | os.PathLike, preset: Preset) -> tuple[dict[str, np.ndarray], ConversionReport]:
@@ -79,6 +81,7 @@ def load_model(
     attn_impl: str = "auto",
 ) -> tuple[Preset, PidNet]:
     """Load a network from a checkpoint file (with `config`) or from a converted directory."""
+    resolve_dtype(dtype)  # refuse an unsupported dtype before reading anything
     p = Path(path)
     if p.is_dir():
         preset, mapped = load_converted(p)
@@ -126,7 +129,13 @@ def _crc(a: np.ndarray) -> int:
 
 def file_fingerprint(path: Path, with_hash: bool = True) -> dict[str, Any]:
     st = path.stat()
-    fp: dict[str, Any] = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    # ctime too: no tool can set it, so a same-size replacement that keeps the old mtime is still seen.
+    fp: dict[str, Any] = {
+        "path": str(path.resolve()),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+    }
     if with_hash:
         h = hashlib.sha256()
         with open(path, "rb") as f:
@@ -152,41 +161,99 @@ def write_converted(
     overwrite: bool = False,
 ) -> Path:
     """Write a converted directory atomically (temporary sibling, then rename)."""
-    import orbax.checkpoint as ocp
-
     out = Path(out_dir).absolute()
     if out.exists() and not overwrite:
         raise PidError(f"{out} already exists (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        arrays = {k: _to_storage(v) for k, v in mapped.items()}
-        (tmp / "config.json").write_text(json.dumps(preset.to_dict(), indent=1) + "\n")
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(tmp / "params", _tree(arrays))
-        ckptr.wait_until_finished()
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "pid_jax_version": __version__,
-            "preset": preset.name,
-            "source": source or {},
-            "tensors": {
-                k: {"shape": list(a.shape), "dtype": str(a.dtype), "crc32": _crc(a)} for k, a in arrays.items()
-            },
-        }
-        _write_json_atomic(tmp / "manifest.json", manifest)  # last: its presence marks a complete entry
-        if out.exists():
-            _remove(out)
-        os.replace(tmp, out)
-    except OSError as e:
-        _remove(tmp)
-        if e.errno == errno.ENOSPC:
-            raise PidError(f"no space left on the device while writing {out}; partial files were removed") from None
-        raise PidError(f"could not write {out}: {e}") from None
-    except BaseException:
-        _remove(tmp)
-        raise
+    old = out.with_name(tmp.name + "-old")  # the entry being replaced, renamed aside (a `.tmp-` name too)
+    with _quiet_orbax_failures():
+        try:
+            _write_entry(out, tmp, old, preset, mapped, source, overwrite)
+        except BaseException as e:
+            if old.exists() and not out.exists():
+                with contextlib.suppress(OSError):
+                    os.replace(old, out)  # put the previous entry back
+            _remove_after_failure(tmp)
+            if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit
+                raise
+            if _no_space(e):
+                raise PidError(f"no space left on the device while writing {out}; partial files were removed") from None
+            if isinstance(e, OSError):
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and not overwrite:
+                    raise PidError(f"{out} already exists (written meanwhile by another process)") from None
+                raise PidError(f"could not write {out}: {e}") from None
+            raise
+    _remove(old)
     return out
+
+
+def _write_entry(
+    out: Path, tmp: Path, old: Path, preset: Preset, mapped: dict[str, np.ndarray], source: Any, overwrite: bool
+) -> None:
+    import orbax.checkpoint as ocp
+
+    arrays = {k: _to_storage(v) for k, v in mapped.items()}
+    config_bytes = (json.dumps(preset.to_dict(), indent=1) + "\n").encode()
+    (tmp / "config.json").write_bytes(config_bytes)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp / "params", _tree(arrays))
+    ckptr.wait_until_finished()
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "pid_jax_version": __version__,
+        "preset": preset.name,
+        "source": source or {},
+        "config_sha256": hashlib.sha256(config_bytes).hexdigest(),
+        "tensors": {k: {"shape": list(a.shape), "dtype": str(a.dtype), "crc32": _crc(a)} for k, a in arrays.items()},
+    }
+    _write_json_atomic(tmp / "manifest.json", manifest)  # last: its presence marks a complete entry
+    if out.exists():
+        if not overwrite:
+            raise PidError(f"{out} already exists (written meanwhile by another process)")
+        # Rename, not delete: a run killed in between leaves no entry at all, never half of one.
+        os.replace(out, old)
+    os.replace(tmp, out)
+
+
+def _remove_after_failure(p: Path) -> None:
+    """Remove a failed write's directory. TensorStore writes still in flight when Orbax gives up can recreate
+    it a moment later, so look again for a short while."""
+    _remove(p)
+    for _ in range(10):
+        time.sleep(0.05)
+        if p.exists():
+            _remove(p)
+
+
+@contextlib.contextmanager
+def _quiet_orbax_failures() -> Iterator[None]:
+    """A failed save makes Orbax log it from each of its threads (with tracebacks), and TensorStore callbacks
+    that land after Orbax's event loop closed print 'Event loop is closed'. The error is reported once, by us."""
+    import logging
+
+    log = logging.getLogger("absl")
+    level = log.level
+    hook = sys.unraisablehook
+
+    def unraisable(u: Any) -> None:
+        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+            hook(u)
+
+    log.setLevel(logging.CRITICAL)
+    sys.unraisablehook = unraisable
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+        sys.unraisablehook = hook
+
+
+def _no_space(e: BaseException) -> bool:
+    """A full disk: an OSError with ENOSPC, or TensorStore's error (a ValueError) carrying the OS's text."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    return "No space left on device" in str(e) or f"os_error_code='{errno.ENOSPC}'" in str(e)
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -207,12 +274,12 @@ def read_manifest(d: Path) -> dict[str, Any]:
     if not m.is_file():
         raise CheckpointError(f"{d}: not a converted pid-jax directory (no manifest.json: incomplete or foreign)")
     try:
-        manifest = json.loads(m.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{m}: corrupted manifest ({e})") from None
+        manifest = json.loads(m.read_bytes())
+    except (OSError, ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
+        raise CheckpointError(f"{m}: corrupted manifest ({type(e).__name__}: {e})") from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         got = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise CheckpointError(f"{d}: converted with format version {got}, this pid-jax reads {FORMAT_VERSION}")
+        raise CheckpointError(f"{d}: converted with format version {got!r}, this pid-jax reads {FORMAT_VERSION}")
     return manifest
 
 
@@ -223,13 +290,34 @@ def load_converted(d: str | os.PathLike) -> tuple[Preset, dict[str, np.ndarray]]
     d = Path(d)
     manifest = read_manifest(d)
     try:
-        preset = load_config(d / "config.json")
-    except PidError as e:
-        raise CheckpointError(f"{d}: bad config.json ({e})") from None
+        config_bytes = (d / "config.json").read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{d}: cannot read config.json ({e})") from None
+    want_sha = manifest.get("config_sha256")  # absent in entries written before it was recorded
+    if want_sha is not None and hashlib.sha256(config_bytes).hexdigest() != want_sha:
+        raise CheckpointError(f"{d}: config.json does not match its manifest (damaged or edited)")
+    try:
+        obj = json.loads(config_bytes)
+        if not isinstance(obj, dict):
+            raise ValueError("expected a JSON object")
+        preset = Preset.from_dict(obj, source=str(d / "config.json"))
+        want = expected_shapes(preset.network, include_skipped=False)
+    except Exception as e:  # a damaged config can fail anywhere in parsing or shape evaluation
+        raise CheckpointError(f"{d}: bad config.json ({type(e).__name__}: {str(e)[:200]})") from None
     tensors = manifest.get("tensors")
-    want = expected_shapes(preset.network, include_skipped=False)
     if not isinstance(tensors, dict) or set(tensors) != set(want):
         raise CheckpointError(f"{d}: manifest does not list exactly the network's parameters")
+    # Every entry is checked before anything is read, so a damaged shape cannot make Orbax allocate it.
+    odd = [
+        k
+        for k, v in tensors.items()
+        if not isinstance(v, dict)
+        or v.get("shape") != list(want[k])
+        or v.get("dtype") not in ("bfloat16", "float32")
+        or not isinstance(v.get("crc32"), int)
+    ]
+    if odd:
+        raise CheckpointError(f"{d}: manifest entries damaged or not for this network (first: {sorted(odd)[:3]})")
     abstract = {
         k: jax.ShapeDtypeStruct(tuple(v["shape"]), ml_dtypes.bfloat16 if v["dtype"] == "bfloat16" else np.float32)
         for k, v in tensors.items()
@@ -314,16 +402,28 @@ def cache_dir_for(ckpt: Path, preset: Preset) -> Path:
 def _cache_valid(d: Path, ckpt: Path, preset: Preset) -> bool:
     try:
         m = read_manifest(d)
-        cfg = json.loads((d / "config.json").read_text())
-    except (CheckpointError, OSError, json.JSONDecodeError):
+        cfg = json.loads((d / "config.json").read_bytes())
+    except (CheckpointError, OSError, ValueError, RecursionError):
         return False
-    src = m.get("source", {})
+    src = m.get("source")
+    if not isinstance(src, dict) or not isinstance(cfg, dict):
+        return False
     st = ckpt.stat()
     return (
         src.get("size") == st.st_size
         and src.get("mtime_ns") == st.st_mtime_ns
+        and src.get("ctime_ns") == st.st_ctime_ns
         and cfg.get("network") == preset.network.to_dict()
     )
+
+
+def _remove_leftovers(d: Path, progress: Progress) -> None:
+    """Temporary directories of conversions that were killed (only called with the cache's lock held)."""
+    leftovers = list(d.parent.glob(f".{d.name}.tmp-*"))
+    for p in leftovers:
+        _remove(p)
+    if leftovers:
+        progress(f"removed {len(leftovers)} leftover(s) of an interrupted conversion beside {d}")
 
 
 def load_cached(
@@ -334,9 +434,11 @@ def load_cached(
     progress: Progress = _quiet,
 ) -> PidNet:
     """Load `ckpt` through its conversion cache: convert once, then reuse; rebuild a stale or damaged entry."""
+    resolve_dtype(dtype)
     ckpt = Path(ckpt).absolute()  # stat() follows the Hub cache's snapshot symlink to the blob
     d = cache_dir_for(ckpt, preset)
     with file_lock(d.with_name(d.name + ".lock")):
+        _remove_leftovers(d, progress)
         if _cache_valid(d, ckpt, preset):
             try:
                 progress(f"loading converted weights from {d}")
