@@ -7,7 +7,6 @@ is timed on the same shapes in the same run (a subprocess with torch), and the r
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from pid_jax.config import PidNetConfig, load_config
 from pid_jax.decoder import PiDDecoder
 from pid_jax.errors import InputError
 from pid_jax.modeling import init_pidnet
+from pid_jax.rss import peak_rss_bytes
 from pid_jax.weights import load_model, resolve_dtype
 
 # Dense bf16 peak by device kind (vendor figures); the fraction printed is against these.
@@ -68,7 +68,7 @@ def peak_memory_bytes() -> tuple[int, str]:
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
         return int(stats["peak_bytes_in_use"]), "device peak bytes in use"
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "host process peak RSS"
+    return peak_rss_bytes(), "host process peak RSS"
 
 
 def run_bench(args: argparse.Namespace, progress: Callable[[str], None] = print) -> dict[str, Any]:

@@ -30,20 +30,21 @@ def _enable_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def _size(s: str) -> tuple[int, int]:
-    try:
-        h, w = s.lower().split("x")
-        return int(h), int(w)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 512x512, got {s!r}") from None
+def _pair(what: str, example: str):
+    """An argparse type for 'AxB' integer pairs (image sizes, device meshes)."""
+
+    def parse(s: str) -> tuple[int, int]:
+        try:
+            a, b = s.lower().split("x")
+            return int(a), int(b)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, e.g. {example}, got {s!r}") from None
+
+    return parse
 
 
-def _mesh_arg(s: str) -> tuple[int, int]:
-    try:
-        d, q = s.lower().split("x")
-        return int(d), int(q)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected DxS (data x sequence), e.g. 1x4, got {s!r}") from None
+_size = _pair("HxW", "512x512")
+_mesh_arg = _pair("DxS (data x sequence)", "1x4")
 
 
 # --- verbs ------------------------------------------------------------------------------------------

@@ -425,7 +425,6 @@ def _worker_dump(a: dict[str, Any]) -> dict[str, Any]:
 
 def _worker_time(a: dict[str, Any]) -> dict[str, Any]:
     import contextlib
-    import resource
     import statistics
 
     torch, PidNet = _import_pidnet(a["upstream"])
@@ -486,7 +485,9 @@ def _worker_time(a: dict[str, Any]) -> dict[str, Any]:
         peak = int(torch.cuda.max_memory_allocated())
         name = torch.cuda.get_device_name()
     else:
-        peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+        from pid_jax.rss import peak_rss_bytes
+
+        peak = peak_rss_bytes()
         import platform
 
         name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"

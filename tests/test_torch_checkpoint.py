@@ -19,65 +19,29 @@ import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy as stnp
+from conftest import FIXTURES, PIDNET_VARIANTS, fixture
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
+from torch_zip_factory import (
+    Build,
+    Global,
+    ODict,
+    PersId,
+    Raw,
+    Reduce,
+    StackGlobal,
+    Storage,
+    View,
+    dumps,
+    member_data_offset,
+    write_checkpoint,
+    write_zip,
+)
 
 from convert import torch_checkpoint as tc
 from convert.safetensors_io import load_safetensors
 from convert.torch_checkpoint import load_state_dict, load_torch_checkpoint
 from pid_jax.errors import CheckpointError
-
-try:  # tests/ is not a package; pytest's default import mode puts this directory on sys.path
-    from torch_zip_factory import (
-        Build,
-        Global,
-        ODict,
-        PersId,
-        Raw,
-        Reduce,
-        StackGlobal,
-        Storage,
-        View,
-        dumps,
-        member_data_offset,
-        write_checkpoint,
-        write_zip,
-    )
-except ImportError:  # pragma: no cover - if tests/ ever becomes a package
-    from tests.torch_zip_factory import (
-        Build,
-        Global,
-        ODict,
-        PersId,
-        Raw,
-        Reduce,
-        StackGlobal,
-        Storage,
-        View,
-        dumps,
-        member_data_offset,
-        write_checkpoint,
-        write_zip,
-    )
-
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-PIDNET_VARIANTS = [
-    "v1_dinov2",
-    "v1_flux",
-    "v1_flux2",
-    "v1_sdxl",
-    "v1_siglip",
-    "v1pt5_flux",
-    "v1pt5_flux2",
-    "x_fold_original_rope",
-]
-
-
-def fixture(*parts: str) -> Path:
-    """Path of a shared fixture; a missing one is a failure, never a skip."""
-    path = FIXTURES.joinpath(*parts)
-    assert path.is_file(), f"missing fixture {path} (shared/ must sit beside the repository)"
-    return path
 
 
 def pth_fixture(variant: str) -> Path:
