@@ -99,7 +99,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "auto") -> j
     if impl == "auto":
         on_gpu = jax.default_backend() == "gpu"
         if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16):
-            impl = "cudnn"
+            try:
+                return _cudnn(q, k, v)
+            except (ValueError, NotImplementedError, RuntimeError):
+                # cuDNN refuses some shapes at trace time (head size, older GPUs): fall back to a
+                # path whose memory stays bounded at large images.
+                impl = "heads"
         elif not on_gpu:
             impl = "heads"
         else:
