@@ -159,9 +159,13 @@ def assign_params(model: PidNet, value: Callable[[str, tuple[int, ...]], np.ndar
     """A concrete model whose parameter at upstream key k is value(k, shape), cast to dtype."""
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
+    target = np.dtype(dtype)
     for path, var in flat.items():
         key = ".".join(str(p) for p in path)
-        var.set_value(jnp.asarray(np.asarray(value(key, tuple(var.shape)), np.float32), dtype=dtype))
+        a = np.asarray(value(key, tuple(var.shape)))
+        if a.dtype != target:  # released bf16 -> float32 is exact; other casts go through float32
+            a = a.astype(np.float32).astype(target)
+        var.set_value(jnp.asarray(a))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
