@@ -44,13 +44,13 @@ def decode(
     """Decode latents [B, C, h, w] to images [B, 3, height, width] in [-1, 1]. Pure: jit/vmap-safe."""
     t_sched = sampler.t_schedule(steps, tuple(t_list))
     b = latents.shape[0]
-    # The adapter sees neither x nor t: compute its features once, not once per step.
+    # The adapter and the caption stream's input see neither x nor t: compute them once, not per step.
     feats = model.lq_features(latents, height, width)
     noise, draw = sampler.random_draws(key, (b, model.cfg.in_channels, height, width))
-    y = caption_embeddings
+    y_emb = model.embed_text(caption_embeddings)
 
     def velocity(x, t):
-        return model.velocity(x, t, y, feats, sigma)
+        return model.velocity(x, t, y_emb, feats, sigma)
 
     return sampler.sample(velocity, noise, t_sched, draw, mode)
 

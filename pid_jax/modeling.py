@@ -2,7 +2,8 @@
 
 Attribute names mirror upstream (`lq_proj`, `patch_blocks`, `pixel_blocks`, `final_layer`, ...), so
 the released state dict maps onto `nnx.state(model)` by name. The adapter output depends on neither
-the noisy image nor t, so the sampler calls `lq_features` once per decode and `velocity` per step.
+the noisy image nor t, so the sampler calls `lq_features` and `embed_text` once per decode and
+`velocity` per step.
 """
 
 from __future__ import annotations
@@ -70,16 +71,23 @@ class PidNet(nnx.Module):
         ph, pw = self.grid(height, width)
         return [constrain(f, "tokens") for f in self.lq_proj(lq_latent, ph, pw, self.dtype)]
 
+    def embed_text(self, y: jax.Array) -> jax.Array:
+        """Caption stream input [B, min(L, txt_max_length), hidden]: like the adapter, once per decode."""
+        n_txt = min(y.shape[1], self.cfg.txt_max_length)
+        y_emb = self.y_embedder(y[:, :n_txt].astype(self.dtype))
+        return constrain(y_emb + self.y_pos_embedding[...][:, :n_txt].astype(self.dtype), "text")
+
     def velocity(
         self,
         x: jax.Array,
         t: jax.Array,
-        y: jax.Array,
+        y_emb: jax.Array,
         lq_feats: list[jax.Array],
         degrade_sigma: jax.Array,
         acts: Acts | None = None,
     ) -> jax.Array:
-        """Velocity [B, 3, H, W] for noisy image x [B, 3, H, W] at network time t [B] (= t * 1000)."""
+        """Velocity [B, 3, H, W] for noisy image x [B, 3, H, W] at network time t [B] (= t * 1000),
+        given the embedded caption (`embed_text`) and the adapter features (`lq_features`)."""
         cfg, dt = self.cfg, self.dtype
         b, c, h, w = x.shape
         ph, pw = self.grid(h, w)
@@ -90,9 +98,7 @@ class PidNet(nnx.Module):
         # Patch tokens in unfold order: (channel, row, col) inside each patch.
         patches = x.reshape(b, c, ph, ps, pw, ps).transpose(0, 2, 4, 1, 3, 5).reshape(b, ph * pw, c * ps * ps)
         t_emb = self.t_embedder(t.reshape(-1), dt).reshape(b, 1, hid)
-        n_txt = min(y.shape[1], cfg.txt_max_length)
-        y_emb = self.y_embedder(y[:, :n_txt].astype(dt))
-        y_emb = y_emb + self.y_pos_embedding[...][:, :n_txt].astype(dt)
+        n_txt = y_emb.shape[1]
         cond = jax.nn.silu(t_emb)
 
         pos = tuple(jnp.asarray(a) for a in rope.rope_2d(cfg.head_dim, ph, pw, cfg.rope_mode, *cfg.rope_ref_grid))
@@ -103,7 +109,6 @@ class PidNet(nnx.Module):
         )
         n_out = cfg.num_lq_outputs
         s = constrain(self.s_embedder(patches), "tokens")
-        y_emb = constrain(y_emb, "text")
         for i, blk in enumerate(self.patch_blocks):
             if self.lq_proj.is_gate_active(i):
                 j = self.lq_proj.output_index(i)
@@ -147,7 +152,7 @@ class PidNet(nnx.Module):
         feats = self.lq_features(lq_latent, x.shape[2], x.shape[3])
         for i, f in enumerate(feats):
             _put(acts, f"lq_proj.{i}", f)
-        return self.velocity(x, t, y, feats, degrade_sigma, acts)
+        return self.velocity(x, t, self.embed_text(y), feats, degrade_sigma, acts)
 
 
 def _put(acts: Acts | None, name: str, value: jax.Array) -> None:

@@ -135,7 +135,8 @@ def sampler_parity(model: PidNet, path: str | Path, mesh=None) -> list[Row]:
     def run(state, noise, eps, y, z, s):
         m = nnx.merge(graphdef, state)
         feats = m.lq_features(z, h, w)
-        return sampler.sample(lambda x, t: m.velocity(x, t, y, feats, s), noise, t_sched, eps, return_steps=True)
+        y_emb = m.embed_text(y)
+        return sampler.sample(lambda x, t: m.velocity(x, t, y_emb, feats, s), noise, t_sched, eps, return_steps=True)
 
     args = [noise, jnp.asarray(eps), jnp.asarray(d["y"]), jnp.asarray(d["lq_latent"]), jnp.asarray(d["degrade_sigma"])]
     # The recorded draws are stacked over steps: their batch axis is the second.
