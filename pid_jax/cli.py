@@ -75,7 +75,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
             raise InputError("--gemma needs --io IO.npz")
         from pid_jax.gemma.parity import gemma_parity
 
-        rows = [parity.Row(n, tuple(s), r, m) for n, s, r, m in gemma_parity(args.gemma, args.io, args.dtype)]
+        rows = gemma_parity(args.gemma, args.io, args.dtype)
         ok, text = parity.report(rows, parity.BOUNDS[("gemma", args.dtype)])
         print(text)
         return 0 if ok else 1

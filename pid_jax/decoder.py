@@ -25,7 +25,7 @@ from pid_jax.config import STUDENT_T_LIST, Preset
 from pid_jax.errors import InputError
 from pid_jax.memory import check_fits
 from pid_jax.modeling import PidNet
-from pid_jax.weights import load_cached, load_model, stderr_progress
+from pid_jax.weights import load_cached, load_model
 
 
 def decode(
@@ -305,4 +305,4 @@ class PiDDecoder:
         return emb
 
 
-__all__ = ["PiDDecoder", "decode", "stderr_progress"]
+__all__ = ["PiDDecoder", "decode"]

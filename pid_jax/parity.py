@@ -8,8 +8,8 @@ float32 reference: 3e-2). The report ends with exactly one PASS or FAIL line.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +32,7 @@ BOUNDS = {
 }
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):
     name: str
     shape: tuple[int, ...]
     rel_l2: float

@@ -452,7 +452,3 @@ def load_cached(
         mapped, _ = read_checkpoint(ckpt, preset)
         write_converted(d, preset, mapped, file_fingerprint(ckpt), overwrite=True)
         return build_model(preset, mapped, dtype, attn_impl)
-
-
-def stderr_progress(msg: str) -> None:
-    print(f"[pid-jax] {msg}", file=sys.stderr, flush=True)

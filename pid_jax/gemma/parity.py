@@ -11,21 +11,14 @@ from flax import nnx
 from pid_jax.errors import CheckpointError, InputError
 from pid_jax.gemma.config import GemmaConfig
 from pid_jax.gemma.modeling import make_forward, resolve_dtype
+from pid_jax.parity import Row, compare
 
-__all__ = ["gemma_parity", "rel_l2"]
-
-
-def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    """||a - b|| / ||b|| in float64 (0 when both are zero)."""
-    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    den = float(np.linalg.norm(b64))
-    num = float(np.linalg.norm(a64 - b64))
-    return num / den if den else num
+__all__ = ["gemma_parity"]
 
 
 def gemma_parity(
     model_dir: str | os.PathLike, io_npz: str | os.PathLike, dtype: str = "float32"
-) -> list[tuple[str, tuple[int, ...], float, float]]:
+) -> list[Row]:
     """Run the decoder on ``io.npz``'s ``input_ids``/``attention_mask`` and compare ``last_hidden_state``.
 
     ``model_dir`` holds ``config.json`` and the safetensors; parameters are loaded in ``dtype`` and the
@@ -49,14 +42,6 @@ def gemma_parity(
     out = make_forward(graphdef)(state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
     out = np.asarray(out.astype(jnp.float32))
     ref = ref.astype(np.float32)
-    rows = [("last_hidden_state", tuple(ref.shape), rel_l2(out, ref), float(np.abs(out - ref).max()))]
-    for i in range(ref.shape[0]):
-        rows.append(
-            (
-                f"last_hidden_state[{i}]",
-                tuple(ref[i].shape),
-                rel_l2(out[i], ref[i]),
-                float(np.abs(out[i] - ref[i]).max()),
-            )
-        )
+    rows = [compare("last_hidden_state", out, ref)]
+    rows += [compare(f"last_hidden_state[{i}]", out[i], ref[i]) for i in range(ref.shape[0])]
     return rows
