@@ -29,7 +29,7 @@ def load_array(path: str | Path, what: str, keys: Sequence[str]) -> np.ndarray:
             with np.load(p, allow_pickle=False) as d:
                 arrays = {k: d[k] for k in d.files}
         elif p.suffix == ".safetensors":
-            from convert.safetensors_io import load_safetensors
+            from pid_jax.convert.safetensors_io import load_safetensors
 
             arrays = load_safetensors(p)
         else:

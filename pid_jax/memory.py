@@ -14,7 +14,7 @@ from pid_jax.errors import InputError
 
 @functools.lru_cache(maxsize=16)
 def _param_count(cfg: PidNetConfig) -> int:
-    from convert.pidnet import expected_shapes
+    from pid_jax.convert.pidnet import expected_shapes
 
     return int(sum(int(np.prod(s)) for s in expected_shapes(cfg, include_skipped=False).values()))
 

@@ -58,16 +58,16 @@ def mismatch_text(key: str, file_shape: tuple, net_shape: tuple) -> str:
 
 @pytest.fixture(scope="module")
 def memoized_shape_evaluation() -> Iterator[None]:
-    """Let `convert.pidnet.expected_shapes` (and `map_state_dict`, which calls it) evaluate each config once.
+    """Let `pid_jax.convert.pidnet.expected_shapes` (and `map_state_dict`, which calls it) evaluate each config once.
 
     An abstract evaluation costs ~2 s at fixture size and ~5 s at full size. The shared abstract network is
     only read for its shapes there, so results are identical; model loading keeps its own evaluation.
     """
-    import convert.pidnet
+    import pid_jax.convert.pidnet
 
-    original = convert.pidnet.abstract_pidnet
+    original = pid_jax.convert.pidnet.abstract_pidnet
     once = cache(original)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(convert.pidnet, "abstract_pidnet", once)
+        mp.setattr(pid_jax.convert.pidnet, "abstract_pidnet", once)
         yield
-    assert convert.pidnet.abstract_pidnet is original
+    assert pid_jax.convert.pidnet.abstract_pidnet is original

@@ -16,7 +16,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from convert.gemma import (
+from pid_jax.convert.gemma import (
     SKIPPED,
     abstract_gemma_state,
     gemma_expected_keys,

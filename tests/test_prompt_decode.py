@@ -10,7 +10,7 @@ import tokenizers
 from conftest import fixture
 from PIL import Image
 
-from convert.pidnet import state_dict_of
+from pid_jax.convert.pidnet import state_dict_of
 from pid_jax.cli import main
 from pid_jax.config import load_preset
 from pid_jax.modeling import init_pidnet

@@ -38,9 +38,9 @@ from torch_zip_factory import (
     write_zip,
 )
 
-from convert import torch_checkpoint as tc
-from convert.safetensors_io import load_safetensors
-from convert.torch_checkpoint import load_state_dict, load_torch_checkpoint
+from pid_jax.convert import torch_checkpoint as tc
+from pid_jax.convert.safetensors_io import load_safetensors
+from pid_jax.convert.torch_checkpoint import load_state_dict, load_torch_checkpoint
 from pid_jax.errors import CheckpointError
 
 

@@ -91,7 +91,7 @@ class CaptionEncoder:
 
         ``dtype`` is both the parameter and the compute dtype; upstream runs the encoder in bfloat16.
         """
-        from convert.gemma import load_gemma_model  # convert imports pid_jax, not the other way at import
+        from pid_jax.convert.gemma import load_gemma_model  # convert imports pid_jax, not the other way at import
 
         resolve_dtype(dtype)
         model_dir = resolve_model_dir(path_or_repo_id, cache_dir)
