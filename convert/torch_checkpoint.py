@@ -33,8 +33,8 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
-
 from pid_jax.convert.safetensors_io import load_safetensors
+
 from pid_jax.errors import CheckpointError
 
 __all__ = ["load_torch_checkpoint", "load_state_dict"]

@@ -34,10 +34,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from pid_jax.convert.pidnet import ConversionReport, expected_shapes, load_into, map_state_dict
-from pid_jax.convert.torch_checkpoint import load_state_dict
 from pid_jax import __version__
 from pid_jax.config import Preset, load_config
+from pid_jax.convert.pidnet import ConversionReport, expected_shapes, load_into, map_state_dict
+from pid_jax.convert.torch_checkpoint import load_state_dict
 from pid_jax.errors import CheckpointError, InputError, PidError
 from pid_jax.modeling import PidNet, abstract_pidnet
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from conftest import expected_mismatch, mismatch_text, pidnet_files
 from flax import nnx
-
 from pid_jax.convert.pidnet import expected_shapes, map_state_dict, state_dict_of
 from pid_jax.convert.torch_checkpoint import load_state_dict
+
 from pid_jax.config import PidNetConfig, load_config
 from pid_jax.errors import CheckpointError, ConfigError, PidError
 from pid_jax.weights import convert_checkpoint, load_converted, load_model, write_converted

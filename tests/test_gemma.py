@@ -13,9 +13,6 @@ import numpy as np
 import pytest
 import tokenizers
 from flax import nnx
-from safetensors import safe_open
-from safetensors.numpy import save_file
-
 from pid_jax.convert.gemma import (
     SKIPPED,
     abstract_gemma_state,
@@ -24,6 +21,9 @@ from pid_jax.convert.gemma import (
     load_gemma_params,
     map_key,
 )
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
 from pid_jax.errors import CheckpointError, ConfigError, InputError
 from pid_jax.gemma import CaptionEncoder, CaptionTokenizer, GemmaConfig, build_prompt_batch, load_chi_prompt
 from pid_jax.gemma.modeling import Gemma2Attention, make_forward

@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 from conftest import pidnet_files
 from flax import nnx
-
 from pid_jax.convert.pidnet import state_dict_of
+
 from pid_jax import hub, weights
 from pid_jax.config import HubSpec, Preset, load_config
 from pid_jax.decoder import PiDDecoder

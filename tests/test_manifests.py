@@ -13,8 +13,8 @@ from functools import cache
 import numpy as np
 import pytest
 from conftest import expected_mismatch, fixture, mismatch_text
-
 from pid_jax.convert.pidnet import NETWORK_PREFIX, expected_shapes, map_state_dict
+
 from pid_jax import hub
 from pid_jax.config import PidNetConfig, Preset, load_preset, preset_names
 from pid_jax.errors import CheckpointError, ConfigError

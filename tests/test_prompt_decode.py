@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import tokenizers
 from conftest import fixture
+from pid_jax.convert.pidnet import state_dict_of
 from PIL import Image
 
-from pid_jax.convert.pidnet import state_dict_of
 from pid_jax.cli import main
 from pid_jax.config import load_preset
 from pid_jax.modeling import init_pidnet

@@ -22,6 +22,9 @@ import safetensors.numpy as stnp
 from conftest import FIXTURES, PIDNET_VARIANTS, fixture
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
+from pid_jax.convert import torch_checkpoint as tc
+from pid_jax.convert.safetensors_io import load_safetensors
+from pid_jax.convert.torch_checkpoint import load_state_dict, load_torch_checkpoint
 from torch_zip_factory import (
     Build,
     Global,
@@ -38,9 +41,6 @@ from torch_zip_factory import (
     write_zip,
 )
 
-from pid_jax.convert import torch_checkpoint as tc
-from pid_jax.convert.safetensors_io import load_safetensors
-from pid_jax.convert.torch_checkpoint import load_state_dict, load_torch_checkpoint
 from pid_jax.errors import CheckpointError
 
 
