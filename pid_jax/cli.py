@@ -7,6 +7,7 @@ only with --debug), and writes nothing.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -194,6 +195,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # --- parser -----------------------------------------------------------------------------------------
 
+# Subsystems that bring their own verbs: each module has `register(subparsers)`, which adds its parsers
+# (with `set_defaults(fn=...)`) and imports nothing heavy at registration time.
+VERB_MODULES: list[str] = []
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pid-jax", description="PiD pixel-diffusion decoder in JAX")
@@ -276,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--torch-python", default=None)
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.set_defaults(fn=cmd_bench)
+
+    for module in VERB_MODULES:
+        importlib.import_module(module).register(sub)
     return p
 
 
