@@ -267,14 +267,17 @@ def _name_from_source(source: str) -> str:
 def preset_names() -> list[str]:
     """Names of the presets shipped in the package (one per released checkpoint)."""
     root = resources.files("pid_jax.configs")
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".json") and p.name[:-5] not in _NON_PRESETS)
+    names = (p.name[:-5] for p in root.iterdir() if p.name.endswith(".json"))
+    return sorted(n for n in names if n not in _NON_PRESETS and not n.startswith("vae_"))  # vae_*: VAE configs
 
 
-_NON_PRESETS = {"chi_prompt", "demo"}
+_NON_PRESETS = {"chi_prompt", "demo", "pixel_sr4x"}
+# Shipped configurations that are not released checkpoints (no Hub file), loadable by name all the same.
+LOCAL_PRESETS = ("demo", "pixel_sr4x")
 
 
 def load_preset(name: str) -> Preset:
-    if name not in preset_names() and name != "demo":
+    if name not in preset_names() and name not in LOCAL_PRESETS:
         raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(preset_names())}")
     text = resources.files("pid_jax.configs").joinpath(f"{name}.json").read_text()
     return Preset.from_dict(json.loads(text), source=f"{name}.json")
