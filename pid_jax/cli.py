@@ -197,7 +197,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # Subsystems that bring their own verbs: each module has `register(subparsers)`, which adds its parsers
 # (with `set_defaults(fn=...)`) and imports nothing heavy at registration time.
-VERB_MODULES: list[str] = []
+VERB_MODULES: list[str] = ["pid_jax.vae.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
