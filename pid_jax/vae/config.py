@@ -110,13 +110,25 @@ def derived_fields(kind: str, network: dict, source: str = "config") -> dict[str
     z = int(_int(network, "z_channels", source))
     down = 2 ** (len(ch_mult) - 1)
     if kind == "flux2":
-        return {"scale": 1.0, "shift": 0.0, "latent_channels": 4 * z, "down_factor": 2 * down,
-                "hub_filename": HUB_FILES[kind], "latent_norm": "batchnorm"}
+        return {
+            "scale": 1.0,
+            "shift": 0.0,
+            "latent_channels": 4 * z,
+            "down_factor": 2 * down,
+            "hub_filename": HUB_FILES[kind],
+            "latent_norm": "batchnorm",
+        }
     scale, shift = _AFFINE[kind]
     scale = float(network.get("scale_factor", scale))
     shift = float(network.get("shift_factor", shift))
-    return {"scale": scale, "shift": shift, "latent_channels": z, "down_factor": down,
-            "hub_filename": HUB_FILES[kind], "latent_norm": "affine"}
+    return {
+        "scale": scale,
+        "shift": shift,
+        "latent_channels": z,
+        "down_factor": down,
+        "hub_filename": HUB_FILES[kind],
+        "latent_norm": "affine",
+    }
 
 
 def load_vae_preset(kind: str) -> VAEConfig:
