@@ -48,6 +48,22 @@ class RMSNorm(nnx.Module):
         return self.weight[...].astype(x.dtype) * y
 
 
+class LayerNorm(nnx.Module):
+    """torch.nn.LayerNorm over the last axis (biased variance, eps 1e-5, statistics in float32)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, *, rngs: nnx.Rngs | None, dtype=jnp.float32):
+        self.weight = nnx.Param(1.0 + _init(rngs, (dim,), dtype))
+        self.bias = nnx.Param(_init(rngs, (dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
 class GroupNorm(nnx.Module):
     """torch.nn.GroupNorm on NHWC activations (biased variance, eps 1e-5, statistics in float32)."""
 

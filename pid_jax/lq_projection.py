@@ -1,7 +1,8 @@
 """The sigma-aware adapter: LQProjection2D (latent -> patch-grid tokens) and its gates.
 
 Names and `Sequential` indices follow upstream (`latent_proj.3.block.2.weight`, ...), so the
-converter maps keys one to one. The aux RGB head exists only for training and is not built.
+converter maps keys one to one. The aux RGB head (`lq_aux_rgb_head`) exists only for training: it is
+built when asked (`aux_head=True`, and the config has it); inference never builds it.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import numpy as np
 from flax import nnx
 
 from pid_jax.config import PidNetConfig
-from pid_jax.errors import InputError
-from pid_jax.layers import Conv2d, GroupNorm, Linear, SiLU, sequential
+from pid_jax.errors import ConfigError, InputError
+from pid_jax.layers import Conv2d, GroupNorm, LayerNorm, Linear, SiLU, sequential
 
 
 class SigmaAwareGate(nnx.Module):
@@ -93,8 +94,21 @@ def align_latent(z: jax.Array, cfg: PidNetConfig, ph: int, pw: int) -> jax.Array
     return z.reshape(b, c * f * f, ph, pw)
 
 
+def build_aux_head(cfg: PidNetConfig, rngs: nnx.Rngs | None) -> nnx.List:
+    """LayerNorm, Linear, SiLU, Linear(hidden -> 3 * f * f): one RGB patch of the LQ image per token."""
+    h, pf = cfg.lq_hidden_dim, cfg.patch_size // cfg.sr_scale
+    if cfg.lq_aux_rgb_head_latent_block_idx > cfg.lq_num_res_blocks:
+        raise ConfigError(
+            f"PidNet config: lq_aux_rgb_head_latent_block_idx={cfg.lq_aux_rgb_head_latent_block_idx} exceeds "
+            f"lq_num_res_blocks={cfg.lq_num_res_blocks}"
+        )
+    return nnx.List(
+        [LayerNorm(h, rngs=rngs), Linear(h, h, rngs=rngs), SiLU(), Linear(h, 3 * pf * pf, rngs=rngs)]
+    )
+
+
 class LQProjection2D(nnx.Module):
-    def __init__(self, cfg: PidNetConfig, *, rngs: nnx.Rngs | None):
+    def __init__(self, cfg: PidNetConfig, *, rngs: nnx.Rngs | None, aux_head: bool = False):
         self.cfg = cfg
         hid, pm = cfg.lq_hidden_dim, cfg.lq_conv_padding_mode
         layers: list = [
@@ -107,6 +121,7 @@ class LQProjection2D(nnx.Module):
         self.output_heads = nnx.List([Linear(hid, cfg.hidden_size, rngs=rngs) for _ in range(cfg.num_lq_outputs)])
         self.pit_head = Linear(hid, cfg.hidden_size, rngs=rngs) if cfg.pit_lq_inject else None
         self.gate_modules = nnx.List([build_gate(cfg, rngs) for _ in range(cfg.num_lq_outputs)])
+        self.lq_aux_rgb_head = build_aux_head(cfg, rngs) if aux_head and cfg.lq_aux_rgb_head else None
 
     def is_gate_active(self, block_idx: int) -> bool:
         return block_idx % self.cfg.lq_interval == 0
@@ -114,12 +129,42 @@ class LQProjection2D(nnx.Module):
     def output_index(self, block_idx: int) -> int:
         return block_idx // self.cfg.lq_interval
 
-    def __call__(self, lq_latent: jax.Array, ph: int, pw: int, dtype=jnp.float32) -> list[jax.Array]:
-        """Token features [B, ph*pw, hidden] per injection point, then the PiT feature (v1.5)."""
+    def _tokens(self, lq_latent: jax.Array, ph: int, pw: int, dtype, tap: int = -1) -> tuple[jax.Array, jax.Array]:
+        """latent_proj output as tokens [B, ph*pw, hid], and the tokens after the tap-th ResBlock (1-based;
+        the output itself when tap <= 0)."""
         z = align_latent(lq_latent.astype(dtype), self.cfg, ph, pw)
-        h = sequential(self.latent_proj, z.transpose(0, 2, 3, 1))  # NHWC: cheaper convs on CPU
-        tokens = h.reshape(h.shape[0], ph * pw, h.shape[-1])  # row-major, as flatten(2).transpose(1, 2)
+        h = z.transpose(0, 2, 3, 1)  # NHWC: cheaper convs on CPU
+        tapped, n_res = None, 0
+        for layer in self.latent_proj:
+            h = layer(h)
+            if isinstance(layer, ResBlock):
+                n_res += 1
+                if n_res == tap:
+                    tapped = h
+        tapped = h if tapped is None else tapped
+
+        def as_tokens(a: jax.Array) -> jax.Array:  # row-major, as flatten(2).transpose(1, 2)
+            return a.reshape(a.shape[0], ph * pw, a.shape[-1])
+
+        return as_tokens(h), as_tokens(tapped)
+
+    def _heads(self, tokens: jax.Array) -> list[jax.Array]:
         outs = [head(tokens) for head in self.output_heads]
         if self.pit_head is not None:
             outs.append(self.pit_head(tokens))
         return outs
+
+    def __call__(self, lq_latent: jax.Array, ph: int, pw: int, dtype=jnp.float32) -> list[jax.Array]:
+        """Token features [B, ph*pw, hidden] per injection point, then the PiT feature (v1.5)."""
+        return self._heads(self._tokens(lq_latent, ph, pw, dtype)[0])
+
+    def with_aux(self, lq_latent: jax.Array, ph: int, pw: int, dtype=jnp.float32) -> tuple[list[jax.Array], jax.Array]:
+        """The features, and the aux head's LQ image prediction [B, 3, ph*f, pw*f] (f = patch / sr_scale)."""
+        if self.lq_aux_rgb_head is None:
+            raise ConfigError("this network was built without the aux RGB head (config lq_aux_rgb_head, aux_head=True)")
+        tokens, aux_tokens = self._tokens(lq_latent, ph, pw, dtype, self.cfg.lq_aux_rgb_head_latent_block_idx)
+        pf = self.cfg.patch_size // self.cfg.sr_scale
+        rgb = sequential(self.lq_aux_rgb_head, aux_tokens)  # [B, N, 3*f*f], channel = c*f*f + i*f + j
+        b = rgb.shape[0]
+        rgb = rgb.reshape(b, ph, pw, 3, pf, pf).transpose(0, 3, 1, 4, 2, 5).reshape(b, 3, ph * pf, pw * pf)
+        return self._heads(tokens), rgb

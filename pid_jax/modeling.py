@@ -34,8 +34,10 @@ Acts = dict[str, jax.Array]
 
 
 class PidNet(nnx.Module):
-    def __init__(self, cfg: PidNetConfig, *, rngs: nnx.Rngs | None, attn_impl: str = "auto"):
+    def __init__(self, cfg: PidNetConfig, *, rngs: nnx.Rngs | None, attn_impl: str = "auto", aux_head: bool = False):
         self.cfg = cfg
+        # Training sets this: recompute each block's activations in the backward pass (less memory).
+        self.remat = False
         c, hid, ps = cfg.in_channels, cfg.hidden_size, cfg.patch_size
         self.pixel_embedder = PixelTokenEmbedder(c, cfg.pixel_hidden_size, rngs=rngs)
         self.s_embedder = PatchTokenEmbedder(c * ps * ps, hid, rngs=rngs)
@@ -52,7 +54,7 @@ class PidNet(nnx.Module):
             ]
         )
         self.final_layer = FinalLayer(cfg.pixel_hidden_size, c, rngs=rngs)
-        self.lq_proj = LQProjection2D(cfg, rngs=rngs)
+        self.lq_proj = LQProjection2D(cfg, rngs=rngs, aux_head=aux_head)
         self.pit_lq_gate = build_gate(cfg, rngs) if cfg.pit_lq_inject else None
 
     @property
@@ -114,7 +116,7 @@ class PidNet(nnx.Module):
                 j = self.lq_proj.output_index(i)
                 s = self.lq_proj.gate_modules[j](s, lq_feats[j], sigma)
                 _put(acts, f"gate.{j}", s)
-            s, y_emb = blk(s, y_emb, cond, pos, pos_txt)
+            s, y_emb = _run(blk, self.remat and acts is None)(s, y_emb, cond, pos, pos_txt)
             s, y_emb = constrain(s, "tokens"), constrain(y_emb, "text")
             _put(acts, f"patch_block.{i}.0", s)
             _put(acts, f"patch_block.{i}.1", y_emb)
@@ -131,7 +133,7 @@ class PidNet(nnx.Module):
             for a in rope.rope_2d(cfg.pixel_attn_dim // cfg.pixel_heads, ph, pw, cfg.rope_mode, *cfg.rope_ref_grid)
         )
         for j, blk in enumerate(self.pixel_blocks):
-            pix = constrain(blk(pix, s_cond, b, pit_pos), "pixels")
+            pix = constrain(_run(blk, self.remat and acts is None, batch=b, pos=pit_pos)(pix, s_cond), "pixels")
             _put(acts, f"pixel_block.{j}", pix)
         out = self.final_layer(pix)
         _put(acts, "final_layer", out)
@@ -153,6 +155,17 @@ class PidNet(nnx.Module):
         for i, f in enumerate(feats):
             _put(acts, f"lq_proj.{i}", f)
         return self.velocity(x, t, self.embed_text(y), feats, degrade_sigma, acts)
+
+
+def _run(block: nnx.Module, remat: bool, **static) -> Callable:
+    """The block's call, rematerialised when asked (its activations are recomputed in the backward pass).
+
+    Positional arguments are arrays; `static` ones (Python values such as the batch size) are bound here.
+    """
+    if not remat:
+        return lambda *args: block(*args, **static)
+    f = nnx.remat(lambda blk, *args: blk(*args, **static))
+    return lambda *args: f(block, *args)
 
 
 def _put(acts: Acts | None, name: str, value: jax.Array) -> None:
