@@ -82,7 +82,8 @@ def resolve_config(kind: str, config: VAEConfig | str | os.PathLike | dict | Non
     else:
         cfg = VAEConfig.from_json(config)
     if cfg.kind != kind:
-        raise ConfigError(f"VAE config is for kind {cfg.kind!r}, but kind {kind!r} was asked for")
+        where = f"{config}: " if isinstance(config, str | os.PathLike) else ""
+        raise ConfigError(f"{where}VAE config is for kind {cfg.kind!r}, but kind {kind!r} was asked for")
     return cfg
 
 
