@@ -71,6 +71,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_parity(args: argparse.Namespace) -> int:
     from pid_jax import parity
 
+    if args.vae:
+        from pid_jax.vae.parity import cli_parity
+
+        return cli_parity(args)
     if args.gemma:
         if not args.io:
             raise InputError("--gemma needs --io IO.npz")
@@ -219,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", help=".pth, .safetensors or a converted directory")
     s.add_argument("--config")
     s.add_argument("--io", help="forward dump: in.*, out, act.*")
+    s.add_argument(
+        "--vae",
+        choices=("flux", "sd3", "sdxl", "flux2", "qwenimage"),
+        help="check a VAE of this kind: --checkpoint its weights, --io its dump, --config its JSON",
+    )
     s.add_argument("--sampler", help="recorded sampler run: noise, eps.k, out")
     s.add_argument("--gemma", help="Gemma-2 directory (config.json + safetensors); compares last_hidden_state")
     s.add_argument("--torch-reference", metavar="UPSTREAM_DIR", help="dump the reference live (needs torch)")
