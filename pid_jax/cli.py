@@ -71,6 +71,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_parity(args: argparse.Namespace) -> int:
     from pid_jax import parity
 
+    if args.train:
+        from pid_jax.train.parity import cmd_train_parity
+
+        return cmd_train_parity(args)
     if args.vae:
         from pid_jax.vae.parity import cli_parity
 
@@ -201,7 +205,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # Subsystems that bring their own verbs: each module has `register(subparsers)`, which adds its parsers
 # (with `set_defaults(fn=...)`) and imports nothing heavy at registration time.
-VERB_MODULES: list[str] = ["pid_jax.vae.cli"]
+VERB_MODULES: list[str] = ["pid_jax.vae.cli", "pid_jax.train.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--sampler", help="recorded sampler run: noise, eps.k, out")
     s.add_argument("--gemma", help="Gemma-2 directory (config.json + safetensors); compares last_hidden_state")
+    s.add_argument("--train", metavar="FIXTURE_DIR", help="replay a recorded upstream training run (train/<name>/)")
     s.add_argument("--torch-reference", metavar="UPSTREAM_DIR", help="dump the reference live (needs torch)")
     s.add_argument("--torch-python", default=None, help="python with torch for --torch-reference")
     s.add_argument("--size", type=_size, default=(256, 256), help="image size for --torch-reference")

@@ -1,0 +1,181 @@
+"""`pid-jax train` and `pid-jax train-export`: registered through `pid_jax.cli.VERB_MODULES`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pid_jax.errors import InputError
+
+STAGE_HELP = (
+    "teacher: train the adapter only (lq_proj.*, pit_lq_gate.*) against the frozen backbone, + aux RGB loss (0.8) "
+    "when the network has the head; full: every parameter, FM loss (aux only with --aux-weight). Decides what "
+    "trains whatever the config's train_lq_proj_only says"
+)
+
+
+def _pair(what: str, example: str):
+    def parse(s: str) -> tuple[int, int]:
+        try:
+            a, b = s.lower().split("x")
+            return int(a), int(b)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, e.g. {example}, got {s!r}") from None
+
+    return parse
+
+
+def _progress(msg: str) -> None:
+    print(f"[pid-jax] {msg}", file=sys.stderr, flush=True)
+
+
+def register(sub) -> None:
+    s = sub.add_parser(
+        "train",
+        help="train a PiD network (teacher adapter or full network) on a directory of images",
+        description="Flow-matching training as upstream's (losses, AdamW, warm-up, clipping, power EMA), resumable "
+        "and data parallel. Writes RUN_DIR/{run.json, checkpoints/, metrics.jsonl, tb/, samples/, log.txt, final/}.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = s.add_argument_group("run")
+    g.add_argument("--config", required=True, help="preset name or JSON (preset, or upstream PidNet arguments)")
+    g.add_argument(
+        "--data",
+        required=True,
+        help="directory of *.png/*.jpg, each with optional <stem>.npy (caption embedding [L, D]), <stem>.txt "
+        "(caption, needs --gemma) and <stem>.latent.npy (LQ latent of the whole image: no random crop)",
+    )
+    g.add_argument("--stage", choices=("teacher", "full"), default="teacher", help=STAGE_HELP)
+    g.add_argument("--steps", type=int, required=True, help="train until this many steps in total")
+    g.add_argument("--batch", type=int, default=1, help="global batch (divisible by the mesh's data axis)")
+    g.add_argument("--size", type=_pair("HxW", "256x256"), default=(256, 256), help="training crop size HxW")
+    g.add_argument("--out", required=True, help="run directory (must not hold a run unless --resume)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest saved step")
+    g.add_argument("--seed", type=int, default=0, help="seed of the init, data order, crops, dropout and draws")
+    g = s.add_argument_group("weights and conditioning")
+    g.add_argument(
+        "--init",
+        help="init checkpoint (.pth/.safetensors), loaded strictly; for --stage teacher the adapter keys may be "
+        "missing (initialised as upstream, listed in log.txt). Without it the whole network starts from "
+        "upstream's init",
+    )
+    g.add_argument("--gemma", help="Gemma-2 directory or repo id: encodes <stem>.txt captions and the null caption")
+    g.add_argument(
+        "--null-caption",
+        help="embedding [L, D] (.npy) used for dropped captions (10%%) and images without one; default: Gemma's "
+        "encoding of the empty caption with --gemma, zeros for networks without the Gemma caption stream",
+    )
+    g.add_argument("--vae", help="VAE weights that encode the LQ images into latents (pid_jax.vae)")
+    g.add_argument("--vae-kind", help="VAE kind (flux, sd3, sdxl, flux2, qwenimage); default from the preset")
+    g = s.add_argument_group("optimisation (defaults: upstream's for the stage)")
+    g.add_argument("--lr", type=float, help="AdamW learning rate (teacher 5e-5, full 1e-5)")
+    g.add_argument("--weight-decay", type=float, help="decoupled weight decay on every trained tensor (1e-3 / 0)")
+    g.add_argument("--warmup", type=int, help="linear warm-up steps, then constant (2000)")
+    g.add_argument("--aux-weight", type=float, help="aux RGB loss weight (teacher with the head: 0.8, else 0)")
+    g.add_argument("--clip-norm", type=float, help="global gradient-norm clip (0.1)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (weights f32)")
+    g.add_argument("--remat", action="store_true", help="rematerialise the blocks (less memory, ~1/3 more compute)")
+    g = s.add_argument_group("devices and processes")
+    g.add_argument("--mesh", type=_pair("DxS (data x sequence)", "4x1"), help="device mesh (default: all x 1)")
+    g.add_argument("--attn", default="auto", help="attention implementation: auto, xla, blocked, cudnn")
+    g.add_argument("--coordinator", help="HOST:PORT of process 0 for multi-process runs (jax.distributed)")
+    g.add_argument("--num-processes", type=int, help="number of processes (with --coordinator)")
+    g.add_argument("--process-id", type=int, help="this process's index (with --coordinator)")
+    g = s.add_argument_group("outputs")
+    g.add_argument("--save-every", type=int, default=500, help="save the train state every N steps (and at the end)")
+    g.add_argument("--sample-every", type=int, default=0, help="decode a sample PNG every N steps (0: never)")
+    g.add_argument("--log-every", type=int, default=10, help="progress line every N steps when not on a terminal")
+    g.add_argument("--workers", type=int, default=0, help="grain worker processes for image loading (0: in-process)")
+    g.add_argument("--no-export", action="store_true", help="do not export the EMA weights to RUN_DIR/final/")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser(
+        "train-export",
+        help="export a run's EMA (or raw) weights: converted directory and/or released-layout .pth",
+    )
+    s.add_argument("run_dir")
+    s.add_argument("--step", type=int, help="saved step to export (default: the latest)")
+    s.add_argument("--raw", action="store_true", help="the trained weights instead of their EMA")
+    s.add_argument("--out", help="converted directory (loads with PiDDecoder.from_checkpoint and pid-jax decode)")
+    s.add_argument("--pth", help="model_ema_bf16.pth in the released layout (net.* keys, bfloat16)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=cmd_train_export)
+
+
+def _distributed(args: argparse.Namespace) -> None:
+    given = [args.coordinator is not None, args.num_processes is not None, args.process_id is not None]
+    if not any(given):
+        return
+    if not all(given):
+        raise InputError("--coordinator, --num-processes and --process-id go together")
+    if not 0 <= args.process_id < args.num_processes:
+        raise InputError(f"--process-id {args.process_id} outside [0, {args.num_processes})")
+    import jax
+
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _distributed(args)
+    from pid_jax.train.loop import RunOptions, run
+
+    overrides = {
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "warmup_steps": args.warmup,
+        "aux_weight": args.aux_weight,
+        "clip_norm": args.clip_norm,
+        "dtype": args.dtype,
+        "remat": args.remat or None,
+    }
+    opts = RunOptions(
+        config=args.config,
+        data=args.data,
+        out=args.out,
+        stage=args.stage,
+        steps=args.steps,
+        batch=args.batch,
+        size=args.size,
+        init=args.init,
+        gemma=args.gemma,
+        null_caption=args.null_caption,
+        vae=args.vae,
+        vae_kind=args.vae_kind,
+        seed=args.seed,
+        mesh=args.mesh,
+        save_every=args.save_every,
+        sample_every=args.sample_every,
+        log_every=args.log_every,
+        workers=args.workers,
+        resume=args.resume,
+        export=not args.no_export,
+        attn=args.attn,
+        train_overrides={k: v for k, v in overrides.items() if v is not None},
+    )
+    result = run(opts, progress=_progress)
+    m = result["metrics"]
+    loss = f", loss {m['loss']:.5f}" if m else ""
+    print(f"trained to step {result['step']}{loss}; run in {result['out']}")
+    return 0
+
+
+def cmd_train_export(args: argparse.Namespace) -> int:
+    if not args.out and not args.pth:
+        raise InputError("train-export needs --out DIR and/or --pth FILE")
+    if args.pth and Path(args.pth).exists() and not args.overwrite:
+        raise InputError(f"--pth {args.pth} already exists (pass --overwrite to replace it)")
+    from pid_jax.train.export import write_converted_dir, write_pth
+    from pid_jax.train.loop import _local, restore_run
+    from pid_jax.train.state import merged_model
+
+    preset, graphdef, state, step = restore_run(args.run_dir, args.step)
+    model = merged_model(graphdef, _local(state), use_ema=not args.raw)
+    what = "raw" if args.raw else "EMA"
+    if args.out:
+        src = {"run": str(args.run_dir), "step": step, "weights": what}
+        print(f"wrote {write_converted_dir(args.out, model, preset, source=src, overwrite=args.overwrite)}")
+    if args.pth:
+        print(f"wrote {write_pth(args.pth, model)}")
+    _progress(f"exported the {what} weights of step {step}")
+    return 0
