@@ -195,6 +195,9 @@ def cmd_encode_caption(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pid_jax.bench import run_bench
 
+    if args.train:  # one training step (forward + backward + update) instead of a decode
+        from pid_jax.train.bench import run_train_bench as run_bench
+
     result = run_bench(args, progress=_progress)
     if args.json:
         print(json.dumps(result))
@@ -294,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--torch-reference", metavar="UPSTREAM_DIR")
     s.add_argument("--torch-python", default=None)
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    s.add_argument("--train", action="store_true", help="time one training step (forward, backward, update)")
+    s.add_argument("--stage", choices=("teacher", "full"), default="teacher", help="with --train: what trains")
+    s.add_argument("--remat", action="store_true", help="with --train: rematerialise the blocks")
     s.set_defaults(fn=cmd_bench)
 
     for module in VERB_MODULES:

@@ -102,8 +102,9 @@ def _latent_mode(preset: Preset, records: list[data_lib.Record], opts: RunOption
         return "precomputed"
     if opts.vae:
         return "vae"
-    pixel = cfg.lq_latent_channels == 3 and cfg.latent_spatial_down_factor == 1 and cfg.lq_latent_unpatchify_factor == 1
-    if pixel:
+    from pid_jax.train.encoders import is_pixel_space
+
+    if is_pixel_space(preset):
         return "pixel"
     raise InputError(
         f"{preset.name} reads {cfg.lq_latent_channels}-channel latents: give --vae FILE (the VAE to encode the "
@@ -206,7 +207,9 @@ def _latent_encoder(mode: str, preset: Preset, opts: RunOptions, tcfg: TrainConf
     if mode == "precomputed":
         return None
     if mode == "pixel":
-        return jax.jit(lambda x0: lq_image(x0, cfg.sr_scale))
+        from pid_jax.train.encoders import identity_encoder
+
+        return jax.jit(lambda x0: identity_encoder(lq_image(x0, cfg.sr_scale)))
     from pid_jax.vae import load_vae, vae_kind_for_backbone
 
     kind = opts.vae_kind or (vae_kind_for_backbone(preset.backbones[0]) if preset.backbones else None)
