@@ -54,9 +54,14 @@ _mesh_arg = _pair("DxS (data x sequence)", "1x4")
 def cmd_presets(args: argparse.Namespace) -> int:
     from pid_jax.config import load_preset, preset_names
 
+    # latent: the LDM latent it decodes, [C, H/f, W/f] of the LDM's image; scale: output pixels per LDM pixel.
+    row = "{:<23} {:<13} {:<36} {:<19} {:<5} {}"
+    print(row.format("preset", "variant", "backbones", "latent", "scale", "Hub file (nvidia/PiD)"))
     for name in preset_names():
         p = load_preset(name)
-        print(f"{name:<24} {p.variant:<14} {','.join(p.backbones):<40} {p.hub.filename if p.hub else ''}")
+        latent = f"{p.latent.channels} x H/{p.latent.vae_factor} x W/{p.latent.vae_factor}"
+        hub_file = p.hub.filename if p.hub else ""
+        print(row.format(name, p.variant, ",".join(p.backbones), latent, f"{p.network.sr_scale}x", hub_file))
     return 0
 
 
@@ -214,9 +219,10 @@ VERB_MODULES: list[str] = ["pid_jax.vae.cli", "pid_jax.train.cli"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pid-jax", description="PiD pixel-diffusion decoder in JAX")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"pid-jax {__import__('pid_jax').__version__}")
     sub = p.add_subparsers(dest="verb", required=True)
 
-    s = sub.add_parser("presets", help="list the presets (one per released checkpoint)")
+    s = sub.add_parser("presets", help="list the presets: backbones, latent shape, scale, Hub file")
     s.set_defaults(fn=cmd_presets)
 
     s = sub.add_parser("convert", help="convert a released .pth/.safetensors into a converted (Orbax) directory")
@@ -322,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`pid-jax presets | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as e:  # an unforeseen failure: still one line unless --debug
         if args.debug:
             raise

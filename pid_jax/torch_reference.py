@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,8 +38,18 @@ _INSTALL_HINT = "install torch==2.13.0, numpy, loguru and pynvml, or pass --torc
 # --- driver side (pid-jax's environment; no torch) ---------------------------------------------------
 
 
+def _is_command_name(name: str) -> bool:
+    return not any(sep and sep in name for sep in (os.sep, os.altsep))
+
+
 def _python(python: str | os.PathLike | None) -> str:
-    return str(python) if python is not None else sys.executable
+    """The python to run: a path as given, a bare command name (`python3`) looked up on PATH as a shell does."""
+    if python is None:
+        return sys.executable
+    name = str(python)
+    if _is_command_name(name):
+        return shutil.which(name) or name
+    return name
 
 
 def _static_problem(upstream_dir: str | os.PathLike, python: str) -> str | None:
@@ -50,7 +61,8 @@ def _static_problem(upstream_dir: str | os.PathLike, python: str) -> str | None:
             "give the directory that contains the `pid` package)"
         )
     if not (Path(python).is_file() and os.access(python, os.X_OK)):
-        return f"no python at {python} (pass --torch-python PATH to a python that has torch)"
+        where = f"named {python} on PATH" if _is_command_name(python) else f"at {python}"
+        return f"no python {where} (pass --torch-python PATH to a python that has torch)"
     return None
 
 

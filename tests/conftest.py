@@ -1,31 +1,97 @@
-"""Shared test helpers: the parity fixtures beside the repository, and expected converter errors."""
+"""Shared test helpers: which fixture set a run reads, and expected converter errors.
+
+Two fixture sets with one layout (see /work/shared/fixtures/README.md for the formats):
+- the extended set, the authority: `$PID_JAX_FIXTURES`, else `../shared/fixtures` beside the repository;
+- the compact set in `tests/data/` (small networks, made by scripts/make_compact_fixtures.sh), used when
+  neither is present, so that a fresh clone runs every parity test.
+Every case the active set is known to hold is required (missing = failure, never a skip); unknown new
+folders beside them are ignored. The pytest header says which set a run used.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+REPO = Path(__file__).resolve().parents[1]
+COMPACT_ROOT = REPO / "tests" / "data"
+SHARED_ROOT = REPO.parent / "shared" / "fixtures"
+# The compact set carries the command that made it; the extended set does not (its tools/ are the record).
+COMPACT_MARKER = "MADE_BY.md"
 
-PIDNET_VARIANTS = [
-    "v1_dinov2",
-    "v1_flux",
-    "v1_flux2",
-    "v1_sdxl",
-    "v1_siglip",
-    "v1pt5_flux",
-    "v1pt5_flux2",
-    "x_fold_original_rope",
-]
+
+@dataclass(frozen=True)
+class FixtureSet:
+    """The cases a fixture set must hold (tests parametrize over these, not over what a glob finds)."""
+
+    name: str
+    pidnet: tuple[str, ...]  # pidnet/<variant>/{config.json, model_ema_bf16.pth, io.npz}
+    sampler: tuple[str, ...]  # sampler/<name>.npz, name = <variant>_<n>step
+
+
+KNOWN_SETS = {
+    "extended": FixtureSet(
+        "extended",
+        pidnet=(
+            "v1_dinov2",
+            "v1_flux",
+            "v1_flux2",
+            "v1_sdxl",
+            "v1_siglip",
+            "v1pt5_flux",
+            "v1pt5_flux2",
+            "x_fold_original_rope",
+        ),
+        sampler=("v1_flux_1step", "v1_flux_2step", "v1_flux_4step", "v1_siglip_4step", "v1pt5_flux_4step"),
+    ),
+    # One network a released switch: sr 4 / sr 8, both gate types, both padding modes, PiT injection, the
+    # v1.5 latent unpatchify, fold alignment with original RoPE.
+    "compact": FixtureSet(
+        "compact",
+        pidnet=("v1_flux", "v1_siglip", "v1pt5_flux", "v1pt5_flux2", "x_fold_original_rope"),
+        sampler=("v1_flux_1step", "v1_flux_2step", "v1_flux_4step", "v1pt5_flux_4step"),
+    ),
+}
+
+
+def _resolve() -> tuple[Path, str, str | None]:
+    """(root, set name, error): `$PID_JAX_FIXTURES` must exist when set; else ../shared/fixtures; else tests/data."""
+    env = os.environ.get("PID_JAX_FIXTURES")
+    if env:
+        root = Path(env).expanduser().resolve()
+        if not root.is_dir():
+            return root, "extended", f"PID_JAX_FIXTURES={env!r}: no such directory (unset it to use tests/data)"
+    elif SHARED_ROOT.is_dir():
+        root = SHARED_ROOT
+    else:
+        root = COMPACT_ROOT
+    return root, ("compact" if (root / COMPACT_MARKER).is_file() else "extended"), None
+
+
+FIXTURES, FIXTURE_SET_NAME, _FIXTURE_ERROR = _resolve()
+FIXTURE_SET = KNOWN_SETS[FIXTURE_SET_NAME]
+PIDNET_VARIANTS = list(FIXTURE_SET.pidnet)
+SAMPLER_CASES = list(FIXTURE_SET.sampler)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if _FIXTURE_ERROR:
+        raise pytest.UsageError(_FIXTURE_ERROR)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"pid-jax fixtures: {FIXTURE_SET_NAME} set at {FIXTURES}"
 
 
 def fixture(*parts: str) -> Path:
-    """Path of a shared fixture; a missing one is a failure, never a skip."""
+    """Path of a fixture file or folder in the active set; a missing one is a failure, never a skip."""
     path = FIXTURES.joinpath(*parts)
-    assert path.exists(), f"missing fixture {path} (shared/ must sit beside the repository)"
+    assert path.exists(), f"missing fixture {path} ({FIXTURE_SET_NAME} set at {FIXTURES})"
     return path
 
 
@@ -36,6 +102,12 @@ def pidnet_files(variant: str) -> tuple[Path, Path, Path]:
         fixture("pidnet", variant, "config.json"),
         fixture("pidnet", variant, "io.npz"),
     )
+
+
+def pidnet_folders() -> list[str]:
+    """The `pidnet/` folders of the active set that hold a whole case (other folders are not cases)."""
+    names = ("model_ema_bf16.pth", "config.json", "io.npz")
+    return sorted(p.name for p in fixture("pidnet").iterdir() if all((p / n).is_file() for n in names))
 
 
 def expected_mismatch(

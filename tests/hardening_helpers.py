@@ -1,4 +1,4 @@
-"""Helpers for tests/test_hardening.py: fixture paths, exact comparisons, file damage, and a child-process
+"""Helpers for tests/test_hardening.py: exact comparisons, file damage, and a child-process
 entry point (run as `python tests/hardening_helpers.py ACTION ...`) for the kill and concurrency tests.
 
 Child actions:
@@ -22,15 +22,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures"
 HELPER = Path(__file__).resolve()
-
-
-def fixture(*parts: str) -> Path:
-    """A shared fixture; a missing one is a failure, never a skip."""
-    path = FIXTURES.joinpath(*parts)
-    assert path.exists(), f"missing fixture {path} (shared/ must sit beside the repository)"
-    return path
 
 
 def child_env() -> dict[str, str]:

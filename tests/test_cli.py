@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +15,7 @@ import pytest
 from conftest import fixture, pidnet_files
 from PIL import Image
 
+import pid_jax
 from pid_jax.cli import main
 from pid_jax.config import preset_names
 
@@ -48,10 +53,27 @@ def files_under(d: Path) -> list[str]:
 def test_presets_lists_ten(capsys) -> None:
     code, out, err = run(capsys, "presets")
     assert code == 0
-    lines = out.strip().splitlines()
+    header, *lines = out.strip().splitlines()
+    assert header.split()[:5] == ["preset", "variant", "backbones", "latent", "scale"]
     assert len(lines) == 10 == len(preset_names())
     assert [ln.split()[0] for ln in lines] == preset_names()
     assert all("model_ema_bf16.pth" in ln for ln in lines)
+    rows = {ln.split()[0]: ln for ln in lines}
+    # backbones, latent shape (channels, down factor) and scale of two releases that differ in all three
+    assert " flux,zimage,zimage-turbo " in rows["flux_2k"] and " 16 x H/8 x W/8 " in rows["flux_2k"]
+    assert " siglip " in rows["siglip_2k"] and " 1152 x H/16 x W/16 " in rows["siglip_2k"]
+    assert " W/8 4x " in re.sub(" +", " ", rows["flux_2k"]) and " W/16 8x " in re.sub(" +", " ", rows["siglip_2k"])
+
+
+def test_version_and_module_entry_point() -> None:
+    """`pid-jax --version` and `python -m pid_jax` (the same CLI) report the installed version."""
+    want = f"pid-jax {importlib.metadata.version('pid-jax')}"
+    assert want == f"pid-jax {pid_jax.__version__}"
+    for cmd in ([sys.executable, "-m", "pid_jax", "--version"], [sys.executable, "-m", "pid_jax", "presets"]):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith(want if cmd[-1] == "--version" else "preset "), proc.stdout
 
 
 def test_convert_then_parity_from_directory(capsys, tmp_path: Path) -> None:
@@ -82,7 +104,7 @@ def test_convert_then_parity_from_directory(capsys, tmp_path: Path) -> None:
 
 def test_parity_wrong_config_is_one_error_line(capsys) -> None:
     pth, _, io = pidnet_files("v1_flux")
-    code, out, err = run(capsys, "parity", "--checkpoint", pth, "--config", pidnet_files("v1_flux2")[1], "--io", io)
+    code, out, err = run(capsys, "parity", "--checkpoint", pth, "--config", pidnet_files("v1_siglip")[1], "--io", io)
     assert code == 2
     assert out == ""
     assert_one_error_line(err, r"shape mismatch.*file \(.*\) vs network \(")

@@ -52,7 +52,7 @@ def fixture_config(variant: str) -> PidNetConfig:
 # --- (a) the right file with the wrong config -------------------------------------------------------
 
 
-@pytest.mark.parametrize("config_variant", ["v1pt5_flux", "v1_flux2"])
+@pytest.mark.parametrize("config_variant", ["v1pt5_flux", "v1_siglip"])
 def test_wrong_fixture_config_names_key_and_shapes(config_variant: str) -> None:
     pth, _, _ = pidnet_files("v1_flux")
     cfg_path = pidnet_files(config_variant)[1]

@@ -12,6 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import tokenizers
+from conftest import fixture
 from flax import nnx
 from pid_jax.convert.gemma import (
     SKIPPED,
@@ -29,16 +30,6 @@ from pid_jax.gemma import CaptionEncoder, CaptionTokenizer, GemmaConfig, build_p
 from pid_jax.gemma.modeling import Gemma2Attention, make_forward
 from pid_jax.gemma.parity import gemma_parity
 from pid_jax.gemma.prompt import keep_positions
-
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-
-
-def fixture(*parts: str) -> Path:
-    """A fixture path; a missing fixture is a failure, never a skip."""
-    p = FIXTURES.joinpath(*parts)
-    if not p.exists():
-        pytest.fail(f"missing fixture {p}")
-    return p
 
 
 @pytest.fixture(scope="module")

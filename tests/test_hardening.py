@@ -21,7 +21,8 @@ from unittest import mock
 import ml_dtypes
 import numpy as np
 import pytest
-from hardening_helpers import HELPER, Child, damage, fixture, same_arrays, tree_listing
+from conftest import fixture
+from hardening_helpers import HELPER, Child, damage, same_arrays, tree_listing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -58,6 +58,26 @@ def test_missing_python(fake_upstream: Path, tmp_path: Path) -> None:
     assert not ok and msg.startswith(f"no python at {tmp_path / 'no-python'}")
 
 
+def test_command_name_is_looked_up_on_path(
+    fake_upstream: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--torch-python python3` means the `python3` a shell would run, not a file named python3 here."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    py = bin_dir / "torchy-python"
+    py.write_text("#!/bin/sh\necho 'found on PATH' >&2\nexit 3\n")
+    py.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.chdir(tmp_path)
+    ok, msg = reference_available(fake_upstream, "torchy-python")
+    assert not ok and msg == f"torch reference (probe) in {py} exited with code 3: found on PATH"
+    ok, msg = reference_available(fake_upstream, "no-such-python-anywhere")
+    assert not ok and msg.startswith("no python named no-such-python-anywhere on PATH (pass --torch-python")
+    # The real `python3` resolves too (whatever it has installed, it is found and started).
+    ok, msg = reference_available(fake_upstream, "python3")
+    assert not msg.startswith("no python"), msg
+
+
 def test_worker_crash_reports_last_stderr_line(fake_upstream: Path, tmp_path: Path) -> None:
     py = tmp_path / "crashing-python"
     py.write_text("#!/bin/sh\necho 'some warning' >&2\necho 'Killed: out of memory' >&2\nexit 3\n")
