@@ -1,0 +1,319 @@
+"""`pid-jax eval`: a pixel-space PiD against bicubic and nearest upsampling on held-out images.
+
+Protocol (fixed, so numbers compare across runs and machines):
+  - whole images, centre-cropped to a multiple of 64 on each side;
+  - the low-resolution input is the training operator: antialiased bicubic / 4, clamp to [-1, 1]
+    (`pid_jax.train.resize.lq_image`, upstream's degradation), kept in float32;
+  - every output (PiD, `jax.image.resize(..., "cubic")`, PIL `BICUBIC`, nearest) rounded to uint8 RGB;
+  - PSNR over RGB in [0, 255] per image, then the mean over images; SSIM (dm-pix: Gaussian 11x11,
+    sigma 1.5, per channel) likewise; no border crop;
+  - PiD decodes with the null caption (zeros), sigma 0 and seed 0, for 1, 2 and 4 steps, ODE and SDE.
+LPIPS is not reported: no JAX LPIPS with bundled weights loads offline without unpickling a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pid_jax.errors import InputError
+
+HELD_OUT = ("astronaut", "chelsea", "coffee")
+SETTINGS: tuple[tuple[int, str], ...] = ((1, "ode"), (1, "sde"), (2, "ode"), (2, "sde"), (4, "ode"), (4, "sde"))
+BASELINES = ("bicubic (jax.image.resize)", "bicubic (PIL)", "nearest")
+MULTIPLE = 64
+SCALE = 4
+PRESET = "pixel_sr4x"
+
+
+# --- the shipped model and images -------------------------------------------------------------------
+
+
+def asset(*parts: str) -> Path:
+    """A file shipped under pid_jax/assets/ (weights, their record, the held-out images)."""
+    return Path(str(resources.files("pid_jax").joinpath("assets", *parts)))
+
+
+def shipped_weights() -> Path:
+    return asset(f"{PRESET}.safetensors")
+
+
+def shipped_record() -> dict[str, Any]:
+    p = asset(f"{PRESET}.record.json")
+    if not p.is_file():
+        raise InputError(f"{p}: the demo model's record is missing from the package")
+    return json.loads(p.read_text())
+
+
+def held_out_paths() -> list[Path]:
+    return [asset("images", f"{n}.png") for n in HELD_OUT]
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """uint8 RGB [H, W, 3] (alpha dropped, greyscale replicated)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), np.uint8)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such image") from None
+    except Exception as e:
+        raise InputError(f"{path}: unreadable image ({type(e).__name__})") from None
+
+
+def crop_multiple(img: np.ndarray, multiple: int = MULTIPLE) -> np.ndarray:
+    """Centre crop of [H, W, C] to the largest multiple of `multiple` on each side."""
+    h, w = (img.shape[0] // multiple) * multiple, (img.shape[1] // multiple) * multiple
+    if h == 0 or w == 0:
+        raise InputError(f"image {img.shape[0]}x{img.shape[1]} is smaller than {multiple}x{multiple}")
+    top, left = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
+    return img[top : top + h, left : left + w]
+
+
+# --- conversions, degradation, baselines --------------------------------------------------------------
+
+
+def to_signed(img: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [1, 3, H, W] in [-1, 1]."""
+    return (img.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)[None]
+
+
+def to_uint8(x: Any) -> np.ndarray:
+    """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3], rounded to nearest (the protocol's quantisation)."""
+    x = np.asarray(x, np.float32)
+    return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def degrade(x0: np.ndarray) -> np.ndarray:
+    """The low-resolution input the model was trained on: antialiased bicubic / 4, clamp (float32)."""
+    from pid_jax.train.resize import lq_image
+
+    return np.asarray(lq_image(x0, SCALE), np.float32)
+
+
+def upsample(lq: np.ndarray, method: str, height: int, width: int) -> np.ndarray:
+    """[1, 3, h, w] float -> [1, 3, height, width] float with a classical interpolator."""
+    if method == BASELINES[0]:
+        import jax
+
+        return np.asarray(jax.image.resize(lq, (*lq.shape[:2], height, width), "cubic"), np.float32)
+    if method == BASELINES[1]:
+        from PIL import Image
+
+        chans = [Image.fromarray(c, mode="F").resize((width, height), Image.BICUBIC) for c in lq[0]]
+        return np.stack([np.asarray(c, np.float32) for c in chans])[None]
+    if method == BASELINES[2]:
+        f_h, f_w = height // lq.shape[2], width // lq.shape[3]
+        return lq.repeat(f_h, axis=2).repeat(f_w, axis=3)
+    raise InputError(f"unknown upsampling method {method!r}")
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR (dB) of two uint8 RGB images over [0, 255]."""
+    import dm_pix
+
+    return float(dm_pix.psnr(a.astype(np.float32) / 255.0, b.astype(np.float32) / 255.0))
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    import dm_pix
+
+    return float(dm_pix.ssim(a.astype(np.float32) / 255.0, b.astype(np.float32) / 255.0, max_val=1.0))
+
+
+# --- evaluation ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    method: str
+    steps: int | None = None
+    mode: str | None = None
+    psnr: float = 0.0
+    ssim: float = 0.0
+    per_image: dict[str, dict[str, float]] = field(default_factory=dict)
+    decode_s: float = 0.0  # steady-state decode time summed over images (PiD rows)
+
+    @property
+    def label(self) -> str:
+        return (
+            f"PiD {self.steps} step{'s' if self.steps != 1 else ''} {self.mode.upper()}" if self.steps else self.method
+        )
+
+
+@dataclass
+class Sample:
+    """One held-out image through the protocol: original, LQ input (uint8 at 1/4 size) and outputs."""
+
+    name: str
+    original: np.ndarray
+    lq: np.ndarray
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def load_decoder(
+    checkpoint: str | Path | None = None, config: str | None = None, dtype: str = "float32", progress=None
+):
+    """The shipped demo model (default) or a given pixel-space checkpoint."""
+    from pid_jax.decoder import PiDDecoder
+
+    path = Path(checkpoint) if checkpoint else shipped_weights()
+    if not path.exists():
+        raise InputError(f"{path}: no such checkpoint (the demo weights ship in pid_jax/assets/)")
+    return PiDDecoder.from_checkpoint(path, config or PRESET, dtype=dtype, progress=progress)
+
+
+def prepare(paths: Sequence[str | Path]) -> list[Sample]:
+    out = []
+    for p in paths:
+        img = crop_multiple(read_rgb(p))
+        lq = degrade(to_signed(img))
+        out.append(Sample(Path(p).stem, img, to_uint8(lq)[0]))
+    return out
+
+
+def evaluate(
+    decoder: Any,
+    paths: Sequence[str | Path],
+    settings: Sequence[tuple[int, str]] = SETTINGS,
+    seed: int = 0,
+    baselines: Sequence[str] = BASELINES,
+    progress: Callable[[str], None] = lambda _m: None,
+) -> tuple[list[Row], list[Sample]]:
+    """Rows (baselines first, then one per PiD setting) and the per-image samples with every output."""
+    samples = prepare(paths)
+    if decoder is not None and decoder.preset.latent.channels != 3:
+        raise InputError(f"preset {decoder.preset.name!r} is not pixel-space (latent channels 3); eval needs one")
+    rows: list[Row] = []
+    for method in baselines:
+        row = Row(method)
+        for s in samples:
+            x0 = to_signed(s.original)
+            out = to_uint8(upsample(degrade(x0), method, *s.original.shape[:2]))[0]
+            s.outputs[method] = out
+            row.per_image[s.name] = {"psnr": psnr(out, s.original), "ssim": ssim(out, s.original)}
+        rows.append(_mean(row))
+    if decoder is None:
+        return rows, samples
+    y = np.zeros((1, decoder.cfg.txt_max_length, decoder.cfg.txt_embed_dim), np.float32)
+    for steps, mode in settings:
+        row = Row("PiD", steps, mode)
+        for s in samples:
+            lq = degrade(to_signed(s.original))
+            decoder.decode_array(lq, y, sigma=0.0, seed=seed, steps=steps, mode=mode)  # compile + warm
+            x = decoder.decode_array(lq, y, sigma=0.0, seed=seed, steps=steps, mode=mode)
+            row.decode_s += decoder.timings["decode_s"]
+            out = to_uint8(x)[0]
+            s.outputs[row.label] = out
+            row.per_image[s.name] = {"psnr": psnr(out, s.original), "ssim": ssim(out, s.original)}
+        rows.append(_mean(row))
+        progress(f"{row.label}: PSNR {row.psnr:.2f} dB, SSIM {row.ssim:.4f}")
+    return rows, samples
+
+
+def _mean(row: Row) -> Row:
+    row.psnr = float(np.mean([v["psnr"] for v in row.per_image.values()]))
+    row.ssim = float(np.mean([v["ssim"] for v in row.per_image.values()]))
+    return row
+
+
+def best(rows: Sequence[Row], pid: bool) -> Row:
+    cands = [r for r in rows if (r.steps is not None) == pid]
+    return max(cands, key=lambda r: r.psnr)
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    names = list(rows[0].per_image)
+    head = "| method | PSNR (dB) | SSIM | " + " | ".join(f"{n} PSNR" for n in names) + " |"
+    lines = [head, "|" + "---|" * (3 + len(names))]
+    for r in rows:
+        per = " | ".join(f"{r.per_image[n]['psnr']:.2f}" for n in names)
+        lines.append(f"| {r.label} | {r.psnr:.2f} | {r.ssim:.4f} | {per} |")
+    return "\n".join(lines)
+
+
+def rows_to_json(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    return [{**asdict(r), "label": r.label} for r in rows]
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """Atomically (temporary name, then rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+# --- CLI ------------------------------------------------------------------------------------------------
+
+
+def _settings(steps: str, modes: str) -> list[tuple[int, str]]:
+    try:
+        ss = [int(s) for s in steps.split(",") if s]
+    except ValueError:
+        raise InputError(f"--steps {steps!r}: expected a comma-separated list of integers, e.g. 1,2,4") from None
+    ms = [m for m in modes.split(",") if m]
+    return [(s, m) for s in ss for m in ms]
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pid_jax.sampler import check_mode, t_schedule
+
+    settings = _settings(args.steps, args.modes)
+    dec = load_decoder(args.checkpoint, args.config, args.dtype)
+    for s, m in settings:  # refuse before any compile
+        t_schedule(s, dec.preset.sampler.t_list)
+        check_mode(m)
+    paths = [Path(p) for p in args.images] if args.images else held_out_paths()
+    if len(paths) == 1 and paths[0].is_dir():
+        paths = sorted(p for p in paths[0].iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not paths:
+        raise InputError("no images to evaluate")
+    t0 = time.perf_counter()
+    rows, _ = evaluate(dec, paths, settings, seed=args.seed, progress=lambda m: print(f"[pid-jax] {m}", flush=True))
+    print(format_table(rows))
+    b, p = best(rows, pid=False), best(rows, pid=True)
+    print(
+        f"best PiD: {p.label} {p.psnr:.2f} dB; best baseline: {b.label} {b.psnr:.2f} dB; "
+        f"gain {p.psnr - b.psnr:+.2f} dB ({time.perf_counter() - t0:.0f} s)"
+    )
+    if args.json:
+        write_json({"images": [str(p) for p in paths], "seed": args.seed, "rows": rows_to_json(rows)}, args.json)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    s = subparsers.add_parser(
+        "eval",
+        help="PSNR/SSIM of a pixel-space PiD against bicubic and nearest on held-out images",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("--checkpoint", help="pixel-space checkpoint (default: the shipped demo model)")
+    s.add_argument("--config", help=f"preset or JSON for --checkpoint (default {PRESET})")
+    s.add_argument("--images", nargs="+", help="image files or one directory (default: the shipped held-out set)")
+    s.add_argument("--steps", default="1,2,4", help="comma-separated step counts (default 1,2,4)")
+    s.add_argument("--modes", default="ode,sde", help="comma-separated sampler modes (default ode,sde)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    s.add_argument("--json", help="also write the table as JSON here")
+    s.set_defaults(fn=cmd_eval)
