@@ -152,7 +152,10 @@ class VAE:
 
             def run(state, x):
                 m = nnx.merge(graphdef, state)
-                return getattr(m, name)(x.astype(dtype)).astype(jnp.float32)
+                x = x.astype(dtype)
+                if name == "encode_with_moments":
+                    return m.encode(x).astype(jnp.float32), m.encode_moments(x).astype(jnp.float32)
+                return getattr(m, name)(x).astype(jnp.float32)
 
             self._fns[name] = jax.jit(run)
         return self._fns[name]
@@ -176,6 +179,11 @@ class VAE:
         """The encoder's moments before the mean is taken (fixture `act.moments`)."""
         x = self._check(images, "images", 3, self.config.down_factor)
         return self._fn("encode_moments")(self._state, x)
+
+    def encode_with_moments(self, images) -> tuple[jax.Array, jax.Array]:
+        """(latent, moments) from one compiled program (the encoder runs once: XLA merges the two paths)."""
+        x = self._check(images, "images", 3, self.config.down_factor)
+        return self._fn("encode_with_moments")(self._state, x)
 
     def decode(self, latent) -> jax.Array:
         """Normalised latent [B,C,h,w] -> images [B,3,h*down,w*down] (upstream's range, no clamp)."""

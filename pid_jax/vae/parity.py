@@ -31,10 +31,9 @@ def vae_parity(
 
     data = _load_npz(io_path, REQUIRED)  # read first: a bad dump is refused before any loading
     vae = load_vae(kind, checkpoint, dtype, config)
-    rows = []
-    if "act.moments" in data:
-        rows.append(compare("act.moments", vae.encode_moments(data["in.image"]), data["act.moments"]))
-    rows.append(compare("out.latent", vae.encode(data["in.image"]), data["out.latent"]))
+    latent, moments = vae.encode_with_moments(data["in.image"])
+    rows = [compare("act.moments", moments, data["act.moments"])] if "act.moments" in data else []
+    rows.append(compare("out.latent", latent, data["out.latent"]))
     rows.append(compare("out.image", vae.decode(data["in.latent"]), data["out.image"]))
     return rows
 
