@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import fixture
+from conftest import FIXTURE_SET_NAME, fixture
 from pid_jax.convert import vae_ldm
 from pid_jax.convert.safetensors_io import load_safetensors
 
@@ -31,12 +31,7 @@ COMPACT_KINDS = ("flux", "sdxl", "flux2")
 BOUND = {"float32": 1e-4, "bfloat16": 3e-2}
 
 
-def _active_kinds() -> tuple[str, ...]:
-    root = fixture("vae").resolve()
-    return COMPACT_KINDS if root.is_relative_to(Path(__file__).resolve().parent / "data") else EXTENDED_KINDS
-
-
-KINDS = _active_kinds()
+KINDS = COMPACT_KINDS if FIXTURE_SET_NAME == "compact" else EXTENDED_KINDS
 
 
 def files(kind: str) -> tuple[Path, Path, Path]:
