@@ -216,7 +216,7 @@ def test_os_system_pickle_refused_through_load_model(tmp_path: Path) -> None:
         ({"rope_mode": "yarn"}, "rope_mode"),
         ({"lq_latent_channels": 0}, "lq_latent_channels"),
         ({"lq_inject_mode": "concat"}, "lq_inject_mode"),
-        ({"hidden_size": 66}, "hidden_size"),
+        ({"hidden_size": 66, "num_groups": 4}, "hidden_size"),
     ],
 )
 def test_config_validation_names_the_field(tmp_path: Path, change: dict, field: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import jax
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.usefixtures("memoized_shape_evaluation")
 # v1_flux: 16-channel latent, x32 pixels per latent element. A 2x2 latent gives a 64x64 image (small, fast).
 B, C, ZH, ZW = 2, 16, 2, 2
 H, W = 64, 64
+TXT_DIM = json.loads(pidnet_files("v1_flux")[1].read_text())["txt_embed_dim"]  # 32 extended, 16 compact
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def inputs() -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     z = rng.standard_normal((B, C, ZH, ZW)).astype(np.float32)
     with np.load(pidnet_files("v1_flux")[2]) as d:
-        y = d["in.y"].astype(np.float32)  # [2, 12, 32]
+        y = d["in.y"].astype(np.float32)  # [2, L, TXT_DIM]
     return z, y
 
 
@@ -108,7 +110,7 @@ def _with_nan(z: np.ndarray) -> np.ndarray:
         (lambda z, y: (z[0, 0], y), r"latents: expected \[B, C, h, w\]"),
         (lambda z, y: (z.astype(np.int32), y), r"latents: dtype int32 is not a floating-point type"),
         (lambda z, y: (z, y[:1]), r"caption_embeddings: 1 row\(s\) for 2 latent\(s\)"),
-        (lambda z, y: (z, y[:, :, :16]), r"caption_embeddings: expected \[B, L, 32\]"),
+        (lambda z, y: (z, y[:, :, :-4]), rf"caption_embeddings: expected \[B, L, {TXT_DIM}\]"),
         (lambda z, y: (z, np.full_like(y, np.inf)), r"caption_embeddings: contains \d+ NaN or Inf"),
     ],
 )

@@ -832,7 +832,7 @@ def test_fuzz_safetensors_byte_flip(fuzz_dir: Path, small_st: tuple, where: floa
 
 def test_fixture_copy_byte_flips(tmp_path: Path) -> None:
     """A few deterministic flips across a real file: header, data.pkl, a data member, central directory."""
-    src = pth_fixture("v1_sdxl")
+    src = pth_fixture("v1_flux")
     data = src.read_bytes()
     want = load_torch_checkpoint(src)
     path = tmp_path / "flip.pth"
