@@ -51,8 +51,10 @@ def compare(name: str, ours, ref) -> Row:
     return Row(name, tuple(b.shape), rel, float(np.max(np.abs(a - b))) if a.size else 0.0)
 
 
-def report(rows: list[Row], bound: float) -> tuple[bool, str]:
-    """The table, then one PASS/FAIL line; returns (passed, text)."""
+def report(rows: list[Row], bound: float, bounds: list[float] | None = None) -> tuple[bool, str]:
+    """The table, then one PASS/FAIL line; returns (passed, text). With `bounds` (one per row), see `report_bounded`."""
+    if bounds is not None:
+        return report_bounded(rows, bounds)
     if not rows:
         return False, f"FAIL nothing rel_l2=nan bound={bound:g}"
     w = max(len(r.name) for r in rows)
@@ -66,6 +68,32 @@ def report(rows: list[Row], bound: float) -> tuple[bool, str]:
         return True, "\n".join(lines)
     lines.append(f"FAIL {worst.name} rel_l2={worst.rel_l2:.3e} bound={bound:g}")
     return False, "\n".join(lines)
+
+
+def report_bounded(rows: list[Row], bounds: list[float]) -> tuple[bool, str]:
+    """Each row against its own bound (0: exact). The last line names the row closest to its bound:
+    `PASS worst=<row> rel_l2=<v> bound=<b>`, or the first row over it: `FAIL <row> rel_l2=<v> bound=<b>`."""
+    if not rows:
+        return False, "FAIL nothing rel_l2=nan bound=nan"
+
+    def ratio(r: Row, b: float) -> float:
+        if not np.isfinite(r.rel_l2):
+            return float("inf")
+        return r.rel_l2 / b if b > 0 else (0.0 if r.rel_l2 == 0 else float("inf"))
+
+    w = max(len(r.name) for r in rows)
+    lines = [f"{'tensor':<{w}}  {'shape':<22} {'rel_l2':>10} {'bound':>8} {'max_abs':>10}"]
+    for r, b in zip(rows, bounds, strict=True):
+        flag = "" if ratio(r, b) <= 1 else "  <-- over bound"
+        lines.append(f"{r.name:<{w}}  {str(list(r.shape)):<22} {r.rel_l2:>10.3e} {b:>8.0e} {r.max_abs:>10.3e}{flag}")
+    over = [(r, b) for r, b in zip(rows, bounds, strict=True) if ratio(r, b) > 1]
+    if over:
+        r, b = over[0]
+        lines.append(f"FAIL {r.name} rel_l2={r.rel_l2:.3e} bound={b:g}")
+        return False, "\n".join(lines)
+    r, b = max(zip(rows, bounds, strict=True), key=lambda rb: ratio(*rb))
+    lines.append(f"PASS worst={r.name} rel_l2={r.rel_l2:.3e} bound={b:g}")
+    return True, "\n".join(lines)
 
 
 def _load_npz(path: str | Path, required: list[str]) -> dict[str, np.ndarray]:
