@@ -13,14 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import pidnet_files
 
 from pid_jax import cli
 from pid_jax.errors import InputError, PidError
 from pid_jax.torch_reference import _run_worker, dump_reference, reference_available, time_reference
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT.parent / "shared" / "fixtures" / "pidnet" / "v1_flux"
-CKPT, CONFIG = FIXTURE / "model_ema_bf16.pth", FIXTURE / "config.json"
+CKPT, CONFIG, _ = pidnet_files("v1_flux")
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 
