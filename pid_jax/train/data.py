@@ -291,25 +291,30 @@ def make_dataset(loader: SampleLoader, global_batch: int, process_index: int = 0
 
 
 class BatchIterator:
-    """This process's batches, resumable: `state()` after a batch is what `start(state)` resumes from."""
+    """This process's batches, resumable: `state()` after a batch is what `start(state)` resumes from.
+
+    The position is the number of batches consumed; resuming slices the (index-deterministic) grain dataset
+    there, so a run may resume with another number of worker processes than it was saved with.
+    """
 
     def __init__(self, dataset, workers: int = 0):
         self._dataset = dataset
         self._workers = workers
         self._it = None
+        self._consumed = 0
 
     def start(self, state: dict[str, Any] | None = None) -> BatchIterator:
-        ds = self._dataset.to_iter_dataset()
+        self._consumed = int(state["batches"]) if state else 0
+        ds = self._dataset[self._consumed :] if self._consumed else self._dataset
+        ds = ds.to_iter_dataset()
         if self._workers > 0:
             _absl_flags_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
         self._it = iter(ds)
-        if state is not None:
-            self._it.set_state(state)
         return self
 
     def state(self) -> dict[str, Any]:
-        return self._it.get_state()
+        return {"batches": self._consumed}
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
@@ -320,8 +325,10 @@ class BatchIterator:
         except InputError:
             raise
         except Exception as e:  # a worker's failure comes back wrapped; keep our one-line message
-            msg = str(e).strip().splitlines()
-            raise InputError(msg[-1] if msg else f"data loading failed ({type(e).__name__})") from None
+            msg = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+            ours = [ln for ln in msg if "unreadable" in ln or "expected" in ln]
+            raise InputError((ours or msg or [f"data loading failed ({type(e).__name__})"])[-1].strip()) from None
+        self._consumed += 1
         return {k: np.array(v) for k, v in batch.items()}  # copy out of grain's shared memory
 
     def close(self) -> None:

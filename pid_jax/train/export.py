@@ -21,10 +21,10 @@ import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from pid_jax.convert.pidnet import NETWORK_PREFIX, SKIPPED, expected_shapes, path_to_key
-from pid_jax.convert.torch_save import save_state_dict
 
 from pid_jax.config import Preset
+from pid_jax.convert.pidnet import NETWORK_PREFIX, SKIPPED, expected_shapes, path_to_key
+from pid_jax.convert.torch_save import save_state_dict
 from pid_jax.errors import CheckpointError
 from pid_jax.modeling import PidNet
 

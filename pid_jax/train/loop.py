@@ -225,7 +225,7 @@ def _latent_encoder(mode: str, preset: Preset, opts: RunOptions, tcfg: TrainConf
     return lambda x0: vae.encode(shrink(x0))  # upstream: z = VAE.enc(LQ image)
 
 
-def _load_network(preset: Preset, opts: RunOptions, log: _Log):
+def _load_network(preset: Preset, opts: RunOptions, log: Progress):
     from pid_jax.train.init import init_like_upstream, load_init
 
     if opts.init:
@@ -341,9 +341,9 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
     tcfg.resolved_aux_weight(has_aux)  # refuses --aux-weight for a network without the aux head
     n_dev = jax.device_count()
     mesh_shape = opts.mesh or (n_dev, 1)
-    mesh = make_mesh(mesh_shape)
     if opts.batch % mesh_shape[0]:
         raise InputError(f"--batch {opts.batch} is not divisible by the mesh's data axis ({mesh_shape[0]})")
+    mesh = make_mesh(mesh_shape)
     n_proc, proc = jax.process_count(), jax.process_index()
     if opts.batch % n_proc:
         raise InputError(f"--batch {opts.batch} is not divisible by the number of processes ({n_proc})")
@@ -370,18 +370,27 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
     ident = _identity(opts, preset, tcfg, latent_mode)
     _check_run_dir(out, ident, opts.resume)
 
-    # 2. The run directory, the network, the state.
+    # 2. The network (a strict init load refuses a mismatched checkpoint here, before anything is written).
     primary = proc == 0
+    messages: list[str] = []
+    model = _load_network(preset, opts, messages.append)
+    encoder = _latent_encoder(latent_mode, preset, opts, tcfg)
+    if n_proc > 1:  # every process has checked the run directory before process 0 writes into it
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("pid-jax train: inputs checked")
+
+    # 3. The run directory and the state.
     out.mkdir(parents=True, exist_ok=True)
     log = _Log(progress, out / "log.txt" if primary else None)
     if primary and not opts.resume:
         _write_json_atomic(out / "run.json", ident)
+    for msg in messages:
+        log(msg)
     records = data_lib.encode_texts(records, gemma_encode, out / "captions")
-    encoder = _latent_encoder(latent_mode, preset, opts, tcfg)
 
     from pid_jax.train.state import init_train_state
 
-    model = _load_network(preset, opts, log)
     graphdef, state = init_train_state(model, tcfg, opts.seed)
     del model
     state = _replicated(state, mesh)
@@ -397,12 +406,12 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
     if start >= opts.steps:
         log(f"step {start} already reaches --steps {opts.steps}; nothing to train")
 
-    # 3. Data for this process.
+    # 4. Data for this process.
     loader = data_lib.SampleLoader(tuple(records), spec, null, opts.seed, tcfg.caption_drop_prob)
     dataset = data_lib.make_dataset(loader, opts.batch, proc, n_proc)
-    batches = data_lib.BatchIterator(dataset, opts.workers).start(data_pos["grain"] if data_pos else None)
+    batches = data_lib.BatchIterator(dataset, opts.workers).start(data_pos["data"] if data_pos else None)
 
-    # 4. The compiled step.
+    # 5. The compiled step.
     from pid_jax.train.step import train_step
 
     state_sharding = jax.tree.map(lambda a: a.sharding, state)
@@ -439,7 +448,7 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
                 metrics_out.write(done, m)
                 last = m
                 if ckpt.should_save(done) or done == opts.steps:
-                    ckpt.save(done, state, {"batches": done, "grain": batches.state()}, force=True)
+                    ckpt.save(done, state, {"data": batches.state()}, force=True)
                     _kill_hook(done)
                 if opts.sample_every and primary and (done % opts.sample_every == 0 or done == opts.steps):
                     sampler = sampler or _Sampler(graphdef, preset, sample_batch)
