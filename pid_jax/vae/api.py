@@ -55,9 +55,6 @@ def _ldm_kinds() -> dict[str, VAEKind]:
 KINDS: dict[str, VAEKind] = _ldm_kinds()
 KINDS["qwenimage"] = VAEKind(wan.build, vae_wan.map_state_dict)  # the Wan-2.1 VAE (2D)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
 def resolve_dtype(dtype: str | Any) -> Any:
     from pid_jax.weights import resolve_dtype as _resolve
 
