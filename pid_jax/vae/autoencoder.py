@@ -102,16 +102,17 @@ class Downsample(nnx.Module):
         self.conv = Conv2d(c, c, 3, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv = self.conv
+        w = self.conv.weight[...]
         y = jax.lax.conv_general_dilated(
-            x,
-            conv.weight[...].astype(x.dtype),
+            x.astype(w.dtype),  # operands in the weight dtype, float32 accumulation, one rounding (as Conv2d)
+            w,
             window_strides=(2, 2),
             padding=[(0, 1), (0, 1)],
             dimension_numbers=("NHWC", "OIHW", "NHWC"),
             precision=HIGHEST,
+            preferred_element_type=jnp.float32,
         )
-        return y + conv.bias[...].astype(y.dtype)
+        return (y + self.conv.bias[...].astype(jnp.float32)).astype(w.dtype)
 
 
 class Upsample(nnx.Module):
