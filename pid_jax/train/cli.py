@@ -94,12 +94,12 @@ def register(sub) -> None:
         "train-export",
         help="export a run's EMA (or raw) weights: converted directory and/or released-layout .pth",
     )
-    s.add_argument("run_dir")
+    s.add_argument("run_dir", help="the run directory (--out of pid-jax train)")
     s.add_argument("--step", type=int, help="saved step to export (default: the latest)")
     s.add_argument("--raw", action="store_true", help="the trained weights instead of their EMA")
     s.add_argument("--out", help="converted directory (loads with PiDDecoder.from_checkpoint and pid-jax decode)")
     s.add_argument("--pth", help="model_ema_bf16.pth in the released layout (net.* keys, bfloat16)")
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out directory or --pth file")
     s.set_defaults(fn=cmd_train_export)
 
 
