@@ -210,6 +210,15 @@ def test_presets_and_derived_fields() -> None:
         load_vae_preset("flux3")
     with pytest.raises(ConfigError, match="needs 'kind' and 'network'"):
         VAEConfig.from_dict({"network": {}})
+    net = load_vae_preset("flux").network
+    for bad, what in [
+        ({"latent_norm": "x"}, "latent_norm must be"),
+        ({"scale": 0}, "scale must be non-zero"),
+        ({"down_factor": 0}, "down_factor must be a positive integer"),
+        ({"scale": [1.0, 2.0]}, "one number per latent channel"),
+    ]:
+        with pytest.raises(ConfigError, match=f"^v.json: {what}"):
+            VAEConfig.from_dict({"kind": "flux", "network": net, **bad}, "v.json")
 
 
 def test_vae_kind_for_backbone() -> None:

@@ -65,9 +65,8 @@ class VAEConfig:
         fields = derived_fields(kind, network, source)
         for k in ("scale", "shift", "latent_channels", "down_factor", "hub_filename", "latent_norm"):
             if k in d:
-                v = d[k]
-                fields[k] = tuple(float(x) for x in v) if isinstance(v, list) else v
-        return VAEConfig(kind=kind, network=dict(network), **fields)
+                fields[k] = d[k]
+        return VAEConfig(kind=kind, network=dict(network), **_checked(fields, source))
 
     @staticmethod
     def from_json(path: str | Path) -> VAEConfig:
@@ -91,6 +90,28 @@ class VAEConfig:
             "hub_filename": self.hub_filename,
             "latent_norm": self.latent_norm,
         }
+
+
+def _checked(fields: dict[str, Any], source: str) -> dict[str, Any]:
+    """Types and ranges of the explicit fields (a hand-edited JSON gets one clear error)."""
+    out = dict(fields)
+    for k in ("latent_channels", "down_factor"):
+        v = out[k]
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ConfigError(f"{source}: {k} must be a positive integer, got {v!r}")
+    if out["latent_norm"] not in ("affine", "batchnorm"):
+        raise ConfigError(f"{source}: latent_norm must be 'affine' or 'batchnorm', got {out['latent_norm']!r}")
+    for k in ("scale", "shift"):
+        v = out[k]
+        vals = v if isinstance(v, list | tuple) else [v]
+        if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in vals) or (
+            isinstance(v, list | tuple) and len(v) != out["latent_channels"]
+        ):
+            raise ConfigError(f"{source}: {k} must be a number or one number per latent channel, got {v!r}")
+        out[k] = tuple(float(x) for x in v) if isinstance(v, list | tuple) else float(v)
+    if any(x == 0 for x in (out["scale"] if isinstance(out["scale"], tuple) else (out["scale"],))):
+        raise ConfigError(f"{source}: scale must be non-zero (decode divides by it)")
+    return out
 
 
 def _int(network: dict, key: str, source: str, default: Any = None) -> Any:
