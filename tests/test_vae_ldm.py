@@ -215,7 +215,7 @@ def test_presets_and_derived_fields() -> None:
         ({"latent_norm": "x"}, "latent_norm must be"),
         ({"scale": 0}, "scale must be non-zero"),
         ({"down_factor": 0}, "down_factor must be a positive integer"),
-        ({"scale": [1.0, 2.0]}, "one number per latent channel"),
+        ({"scale": [1.0, 2.0]}, "scale must be a number or one number per latent channel"),
     ]:
         with pytest.raises(ConfigError, match=f"^v.json: {what}"):
             VAEConfig.from_dict({"kind": "flux", "network": net, **bad}, "v.json")
