@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pid_jax.convert.safetensors_io import load_safetensors
 from pid_jax.errors import InputError, PidError
 
 LATENT_KEYS = ("latent", "latents", "lq_latent", "in.lq_latent")
@@ -29,8 +30,6 @@ def load_array(path: str | Path, what: str, keys: Sequence[str]) -> np.ndarray:
             with np.load(p, allow_pickle=False) as d:
                 arrays = {k: d[k] for k in d.files}
         elif p.suffix == ".safetensors":
-            from pid_jax.convert.safetensors_io import load_safetensors
-
             arrays = load_safetensors(p)
         else:
             raise InputError(f"{what} file {p}: unsupported extension (expected .npy, .npz or .safetensors)")

@@ -9,13 +9,12 @@ import jax
 import numpy as np
 
 from pid_jax.config import PidNetConfig
+from pid_jax.convert.pidnet import expected_shapes
 from pid_jax.errors import InputError
 
 
 @functools.lru_cache(maxsize=16)
 def _param_count(cfg: PidNetConfig) -> int:
-    from pid_jax.convert.pidnet import expected_shapes
-
     return int(sum(int(np.prod(s)) for s in expected_shapes(cfg, include_skipped=False).values()))
 
 

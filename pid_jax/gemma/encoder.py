@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pid_jax.convert.gemma import load_gemma_model
 from pid_jax.errors import CheckpointError, InputError
 from pid_jax.gemma.config import GemmaConfig
 from pid_jax.gemma.modeling import Gemma2Model, make_forward, resolve_dtype
@@ -91,8 +92,6 @@ class CaptionEncoder:
 
         ``dtype`` is both the parameter and the compute dtype; upstream runs the encoder in bfloat16.
         """
-        from pid_jax.convert.gemma import load_gemma_model  # convert imports pid_jax, not the other way at import
-
         resolve_dtype(dtype)
         model_dir = resolve_model_dir(path_or_repo_id, cache_dir)
         if not (model_dir / "config.json").is_file():

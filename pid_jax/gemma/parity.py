@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pid_jax.convert.gemma import load_gemma_model
 from pid_jax.errors import CheckpointError, InputError
 from pid_jax.gemma.config import GemmaConfig
 from pid_jax.gemma.modeling import make_forward, resolve_dtype
@@ -25,8 +26,6 @@ def gemma_parity(
     forward computes in ``dtype`` (float32 or bfloat16). Returns ``(name, shape, rel_l2, max_abs)`` for
     the whole tensor, then one entry per batch row (``last_hidden_state[i]``): padded positions included.
     """
-    from pid_jax.convert.gemma import load_gemma_model
-
     dtype = resolve_dtype(dtype)
     cfg = GemmaConfig.from_json(os.path.join(model_dir, "config.json"))
     try:
