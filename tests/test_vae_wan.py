@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -150,3 +151,13 @@ def test_rms_norm_is_torch_normalize_form() -> None:
     y = np.asarray(norm(jnp.asarray(x)))
     np.testing.assert_allclose(y[0, 0, 0], [1.2, 1.6, 0.0, 0.0], rtol=1e-6)
     np.testing.assert_array_equal(y[0, 0, 1], 0.0)
+
+
+def test_files_of_the_other_kind_are_refused_both_ways() -> None:
+    """A Flux VAE file as qwenimage and the Qwen-Image file as flux: one error naming the file and the expectation."""
+    flux_file = fixture("vae", "flux", "ae.safetensors")
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(flux_file))}: not a Qwen-Image VAE file .*LDM-style"):
+        load_vae("qwenimage", flux_file)
+    qwen_file = _case()[0]
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(qwen_file))}: not an LDM-style autoencoder file"):
+        load_vae("flux", qwen_file)
