@@ -231,13 +231,22 @@ class AttentionBlock(nnx.Module):
         self.proj = Conv2d(dim, dim, 1, rngs=rngs, dtype=dtype)
         self.attn_impl = attn_impl
 
+    def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q, k, v [B, h, w, C] of NHWC x (upstream chunks to_qkv's 3C channels in that order).
+
+        Split out so a tiled run can gather whole-image keys/values (see pid_jax.vae.tiling)."""
+        c = x.shape[-1]
+        qkv = self.to_qkv(self.norm(x))
+        return qkv[..., :c], qkv[..., c : 2 * c], qkv[..., 2 * c :]
+
+    def finish(self, x: jax.Array, o: jax.Array) -> jax.Array:
+        """The residual output from the attention result o [B, h, w, C]."""
+        return self.proj(o) + x
+
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
-        qkv = self.to_qkv(self.norm(x)).reshape(b, h * w, 1, 3 * c)
-        # Upstream chunks the 3C channels in order q, k, v.
-        q, k, v = qkv[..., :c], qkv[..., c : 2 * c], qkv[..., 2 * c :]
-        o = attention(q, k, v, self.attn_impl).reshape(b, h, w, c)
-        return self.proj(o) + x
+        q, k, v = (a.reshape(b, h * w, 1, c) for a in self.project_qkv(x))
+        return self.finish(x, attention(q, k, v, self.attn_impl).reshape(b, h, w, c))
 
 
 def _sequential(layers, x: jax.Array) -> jax.Array:
