@@ -116,9 +116,11 @@ class TrainCheckpointer:
 
 
 def _abstract(x: Any) -> Any:
-    if isinstance(x, jax.ShapeDtypeStruct):
-        return x
+    """The restore target of one leaf: its own sharding, or this process's first device when it has none
+    (a state saved from several devices is then gathered onto one, e.g. for export)."""
     sharding = getattr(x, "sharding", None)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
