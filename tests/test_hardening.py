@@ -32,6 +32,10 @@ from pid_jax.config import load_config
 from pid_jax.errors import CheckpointError, InputError, PidError
 from pid_jax.io import write_npy, write_pngs
 
+# The caption stream's length and width in the active fixture set's v1_flux network.
+_NET = json.loads(fixture("pidnet", "v1_flux", "config.json").read_text())
+TXT_L, TXT_D = _NET["txt_max_length"], _NET["txt_embed_dim"]
+
 # What a real full disk raises from inside Orbax/TensorStore (recorded on a 1 MiB tmpfs): not an OSError.
 TENSORSTORE_ENOSPC = (
     'RESOURCE_EXHAUSTED: Error writing "final_layer.linear.weight/0.0" in OCDBT database at local file '
@@ -441,7 +445,7 @@ def test_enospc_cli_decode(src, tmp_path, monkeypatch, capsys):
     inputs = tmp_path / "in"
     inputs.mkdir()
     np.save(inputs / "z.npy", np.random.default_rng(0).standard_normal((2, 16, 2, 2)).astype(np.float32))
-    np.save(inputs / "y.npy", np.random.default_rng(1).standard_normal((2, 12, 32)).astype(np.float32))
+    np.save(inputs / "y.npy", np.random.default_rng(1).standard_normal((2, TXT_L, TXT_D)).astype(np.float32))
     outdir = tmp_path / "out"
     _failing_png_save(monkeypatch, _no_space())
     argv = ["decode", "--checkpoint", str(src.pth), "--config", str(src.cfg), "--dtype", "float32", "--steps", "1"]
@@ -701,7 +705,7 @@ def decoder(src):
 
 
 Z = np.zeros((1, 16, 4, 4), np.float32)
-Y = np.zeros((1, 12, 32), np.float32)
+Y = np.zeros((1, TXT_L, TXT_D), np.float32)
 
 
 def _with(a: np.ndarray, index: tuple, value: float) -> np.ndarray:
@@ -731,10 +735,14 @@ RUNTIME_CASES = [
     ("latents not numeric", {"latents": [[1.0, 2.0], [3.0]]}, ["latents", "array"]),
     ("captions NaN", {"caption_embeddings": _with(Y, (0, 2, 7), np.nan)}, ["caption_embeddings", "NaN", "finite"]),
     ("captions +Inf", {"caption_embeddings": _with(Y, (0, 0, 0), np.inf)}, ["caption_embeddings", "Inf", "finite"]),
-    ("captions width 31", {"caption_embeddings": np.zeros((1, 12, 31), np.float32)}, ["(1, 12, 31)", "[B, L, 32]"]),
-    ("captions rank 4", {"caption_embeddings": np.zeros((1, 1, 12, 32), np.float32)}, ["(1, 1, 12, 32)", "[B, L, 32]"]),
-    ("captions rank 1", {"caption_embeddings": np.zeros((32,), np.float32)}, ["(32,)", "[B, L, 32]"]),
-    ("captions 2 rows for 1", {"caption_embeddings": np.zeros((2, 12, 32), np.float32)}, ["2 row(s) for 1 latent"]),
+    (
+        f"captions width {TXT_D - 1}",
+        {"caption_embeddings": np.zeros((1, TXT_L, TXT_D - 1), np.float32)},
+        [f"(1, {TXT_L}, {TXT_D - 1})", f"[B, L, {TXT_D}]"],
+    ),
+    ("captions rank 4", {"caption_embeddings": Y[None]}, [f"(1, 1, {TXT_L}, {TXT_D})", f"[B, L, {TXT_D}]"]),
+    ("captions rank 1", {"caption_embeddings": Y[0, 0]}, [f"({TXT_D},)", f"[B, L, {TXT_D}]"]),
+    ("captions 2 rows for 1", {"caption_embeddings": np.concatenate([Y, Y])}, ["2 row(s) for 1 latent"]),
     ("captions int", {"caption_embeddings": Y.astype(np.int64)}, ["caption_embeddings", "int64", "float32"]),
     ("captions and prompts", {"caption_embeddings": None}, ["exactly one"]),
     ("sigma -0.01", {"sigma": -0.01}, ["-0.01", "[0, 1]"]),
