@@ -40,7 +40,7 @@ def sanitize(grads):
 
 def clip_by_global_norm(grads, clip_norm: float) -> tuple[object, jax.Array]:
     """torch clip_grad_norm_: (grads * min(1, clip / (norm + 1e-6)), norm before clipping)."""
-    norm = optax.global_norm(grads).astype(jnp.float32)
+    norm = optax.tree.norm(grads).astype(jnp.float32)
     coef = jnp.minimum(clip_norm / (norm + 1e-6), 1.0)
     return jax.tree.map(lambda g: (g * coef).astype(g.dtype), grads), norm
 
@@ -52,8 +52,8 @@ def apply_update(tcfg: TrainConfig, step: jax.Array, params, opt_state, grads):
     """
     grads, norm = clip_by_global_norm(sanitize(grads), tcfg.clip_norm)
     lr = lr_at(tcfg, step)
-    opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
-    updates, new_opt = optimizer(tcfg).update(grads, opt_state, params)
+    injected = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
+    updates, new_opt = optimizer(tcfg).update(grads, injected, params)
     new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(norm)
 
