@@ -7,18 +7,27 @@
 - "blocked": online-softmax over key blocks and query blocks (flash-style), so no score matrix wider
   than a block is ever formed, for sequences too long even for "heads".
 - "cudnn": `jax.nn.dot_product_attention` with cuDNN flash attention (NVIDIA GPUs, bf16/fp16).
+- "fp8": opt-in cuDNN FP8 (e4m3) flash attention on Hopper, q/k/v scaled per tensor by their absolute
+  maximum; head sizes cuDNN's FP8 kernel refuses (not a multiple of 16, e.g. the pixel blocks' 72) run
+  "cudnn" instead. Lossy: `pid-jax parity` and the device script report its error.
+- "mgpu": opt-in on Hopper, exact: the joint attention split at the caption/image boundary, image queries
+  over image keys by JAX's Mosaic-GPU flash kernel (warp-specialised, FA3-style), the caption keys and
+  the caption queries by cuDNN, the two partial softmaxes merged through their log-sum-exp. Shapes the
+  kernel cannot take (head size not a multiple of 64, image tokens not a multiple of its blocks) run
+  "cudnn".
 - "auto": cudnn on GPU for half precision, heads on CPU, xla otherwise.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 HIGHEST = jax.lax.Precision.HIGHEST
-IMPLEMENTATIONS = ("auto", "xla", "heads", "blocked", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "heads", "blocked", "cudnn", "fp8", "mgpu")
 
 # Above this many keys, "heads" also splits the queries so one head's scores stay about 64 MB.
 _HEADS_Q_BLOCK_KV = 4096
@@ -94,8 +103,112 @@ def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "auto") -> jax.Array:
-    """softmax(q k^T / sqrt(d)) v for q [B, Nq, H, D], k/v [B, Nk, H, D]; returns [B, Nq, H, D]."""
+_E4M3_MAX = 448.0
+
+
+def _fp8(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    from jax._src.cudnn import fused_attention_stablehlo as fa  # no public FP8 entry point yet
+
+    d = q.shape[-1]
+    if d % 16 or d > 256:
+        return _cudnn(q, k, v)
+
+    def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        # Per-tensor scale so the largest magnitude lands on e4m3's largest finite value.
+        amax = jnp.maximum(jnp.max(jnp.abs(x)).astype(jnp.float32), 1e-12)
+        return (x.astype(jnp.float32) * (_E4M3_MAX / amax)).astype(jnp.float8_e4m3fn), amax / _E4M3_MAX
+
+    (qf, dq), (kf, dk), (vf, dv) = quantize(q), quantize(k), quantize(v)
+    one = jnp.ones((1, 1, 1, 1), jnp.float32)
+    params = {name: one for name in fa.fp8_params_keys}
+    # Softmax probabilities are in [0, 1]: scale them onto e4m3's range; the output is a convex
+    # combination of v's rows, so it is bounded by v's own maximum and reuses v's scale.
+    params.update(
+        descale_q=one * dq,
+        descale_k=one * dk,
+        descale_v=one * dv,
+        descale_s=one / _E4M3_MAX,
+        scale_s=one * _E4M3_MAX,
+        scale_o=one / dv,
+    )
+    out, _, _ = fa.dot_product_attention(
+        qf, kf, vf, fp8_params=params, scale=1.0 / math.sqrt(d), use_fp8=True, qkv_layout="BTNH"
+    )
+    return (out.astype(jnp.float32) * dv).astype(q.dtype)
+
+
+AttnWithLse = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def xla_with_lse(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Output [B, Nq, H, D] and the natural log-sum-exp of the scaled scores [B, H, Nq] (float32)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=HIGHEST, preferred_element_type=jnp.float32) * scale
+    m = jnp.max(s, axis=-1)
+    p = jnp.exp(s - m[..., None])
+    denom = jnp.sum(p, axis=-1)
+    o = jnp.einsum("bhqk,bkhd->bqhd", (p / denom[..., None]).astype(v.dtype), v, precision=HIGHEST)
+    return o.astype(q.dtype), m + jnp.log(denom)
+
+
+def _cudnn_with_lse(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    from jax._src.cudnn import fused_attention_stablehlo as fa  # the residual is not in the public API
+
+    out, lse = fa.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), return_residual=True)
+    b, nq, h, _ = q.shape
+    if lse.shape == (b, nq, h) and nq != h:
+        lse = lse.transpose(0, 2, 1)
+    return out, lse.astype(jnp.float32)
+
+
+# Mosaic-GPU kernel blocks (tuned by scripts/attn_bench.py on an H100 for head size 64).
+MGPU_BLOCKS = (128, 128, 2)
+
+
+def _mgpu_with_lse(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+    bq, bkv, steps = MGPU_BLOCKS
+    cfg = attention_mgpu.TuningConfig(block_q=bq, block_kv=bkv, max_concurrent_steps=steps)
+    # The kernel applies no softmax scale: fold it into q (1/8 for head size 64: exact in bf16).
+    scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+    out, (lse2,) = attention_mgpu.attention(q * scale, k, v, cfg, save_residuals=True)
+    return out, lse2 * math.log(2.0)  # the kernel's log-sum-exp is in base 2
+
+
+def mgpu_fits(n: int, d: int) -> bool:
+    bq, bkv, _ = MGPU_BLOCKS
+    return d % 64 == 0 and n % (2 * bq) == 0 and n % bkv == 0
+
+
+def split_joint_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, n_prefix: int, big: AttnWithLse, small: AttnWithLse
+) -> jax.Array:
+    """Exact softmax attention over [prefix, rest] tokens from pieces: `big` does rest-queries x rest-keys,
+    `small` the rest-queries x prefix-keys and the prefix queries x all keys; partial results merge by
+    their log-sum-exp (o = sum_i o_i exp(lse_i) / sum_i exp(lse_i), in float32)."""
+    qp, qr = q[:, :n_prefix], q[:, n_prefix:]
+    o_big, lse_big = big(qr, k[:, n_prefix:], v[:, n_prefix:])
+    o_small, lse_small = small(qr, k[:, :n_prefix], v[:, :n_prefix])
+    m = jnp.maximum(lse_big, lse_small)
+    w_big = jnp.exp(lse_big - m).transpose(0, 2, 1)[..., None]  # [B, N, H, 1]
+    w_small = jnp.exp(lse_small - m).transpose(0, 2, 1)[..., None]
+    o_rest = (o_big.astype(jnp.float32) * w_big + o_small.astype(jnp.float32) * w_small) / (w_big + w_small)
+    o_prefix, _ = small(qp, k, v)
+    return jnp.concatenate([o_prefix, o_rest.astype(q.dtype)], axis=1)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "auto", n_prefix: int = 0) -> jax.Array:
+    """softmax(q k^T / sqrt(d)) v for q [B, Nq, H, D], k/v [B, Nk, H, D]; returns [B, Nq, H, D].
+
+    `n_prefix`: how many leading tokens are caption tokens (joint attention); only "mgpu" uses it."""
+    if impl == "mgpu":
+        n_rest = q.shape[1] - n_prefix
+        if n_prefix > 0 and q.shape[1] == k.shape[1] and mgpu_fits(n_rest, q.shape[-1]):
+            return split_joint_attention(q, k, v, n_prefix, _mgpu_with_lse, _cudnn_with_lse)
+        if n_prefix == 0 and q.shape[1] == k.shape[1] and mgpu_fits(q.shape[1], q.shape[-1]):
+            return _mgpu_with_lse(q, k, v)[0]
+        impl = "cudnn"
     if impl == "auto":
         on_gpu = jax.default_backend() == "gpu"
         if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16):
@@ -117,4 +230,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "auto") -> j
         return _blocked(q, k, v)
     if impl == "cudnn":
         return _cudnn(q, k, v)
+    if impl == "fp8":
+        return _fp8(q, k, v)
     raise ValueError(f"unknown attention implementation {impl!r}; expected one of {IMPLEMENTATIONS}")

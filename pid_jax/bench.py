@@ -13,11 +13,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pid_jax.config import PidNetConfig, load_config
 from pid_jax.decoder import PiDDecoder
 from pid_jax.errors import InputError
+from pid_jax.memory import estimate_decode_bytes
 from pid_jax.modeling import init_pidnet
 from pid_jax.rss import peak_rss_bytes
 from pid_jax.weights import load_model, resolve_dtype
@@ -71,6 +73,50 @@ def peak_memory_bytes() -> tuple[int, str]:
     return peak_rss_bytes(), "host process peak RSS"
 
 
+def parse_batches(text: str) -> int | list[int]:
+    """`--batch`: one size ("2") or a sweep ("1,2,4,8"), each >= 1."""
+    try:
+        sizes = [int(part) for part in str(text).split(",")]
+    except ValueError:
+        raise InputError(f"--batch {text!r}: expected a size or a comma-separated list, e.g. 1,2,4,8") from None
+    if not sizes or min(sizes) < 1:
+        raise InputError(f"--batch {text!r}: sizes must be >= 1")
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
+def _time_one(dec: PiDDecoder, preset, batch: int, h: int, w: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Compile (or load from the persistent cache), warm up, then time `repeats` decodes of one batch size."""
+    cfg, scale = preset.network, preset.network.pixel_scale
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((batch, preset.latent.channels, h // scale, w // scale), dtype=np.float32)
+    y = rng.standard_normal((batch, cfg.txt_max_length, cfg.txt_embed_dim), dtype=np.float32)
+    kw = dict(sigma=0.1, steps=args.steps, seed=0)
+    dec.decode_array(z, y, **kw)  # compile + warm-up
+    compile_s, trace_s, first_s = dec.timings["compile_s"], dec.timings["trace_s"], dec.timings["decode_s"]
+    times = []
+    for _ in range(max(1, args.repeats)):
+        dec.decode_array(z, y, **kw)
+        times.append(dec.timings["decode_s"])
+    median_s = statistics.median(times)
+    flops = decode_flops(cfg, batch, h, w, args.steps)
+    peak_tf = device_peak_tflops(jax.devices()[0])
+    return {
+        "batch": batch,
+        "compile_s": round(compile_s, 3),
+        "trace_s": round(trace_s, 3),
+        "first_s": round(first_s, 4),
+        "median_s": round(median_s, 4),
+        # Spread of the timed runs: (max - min) / median.
+        "spread": round((max(times) - min(times)) / median_s, 3),
+        "times_s": [round(t, 4) for t in times],
+        "images_per_s": round(batch / median_s, 3),
+        "estimate_bytes": estimate_decode_bytes(cfg, batch, h, w, jnp.dtype(dec.dtype).itemsize, True),
+        "tflop": round(flops / 1e12, 3),
+        "tflops": round(flops / median_s / 1e12, 3),
+        "fraction_of_peak": round(flops / median_s / 1e12 / peak_tf, 3) if peak_tf else None,
+    }
+
+
 def run_bench(args: argparse.Namespace, progress: Callable[[str], None] = print) -> dict[str, Any]:
     preset = load_config(args.preset)
     cfg = preset.network
@@ -78,6 +124,7 @@ def run_bench(args: argparse.Namespace, progress: Callable[[str], None] = print)
     scale = cfg.pixel_scale
     if h % scale or w % scale:
         raise InputError(f"--size {h}x{w}: must be multiples of {scale} for preset {preset.name}")
+    batches = args.batch if isinstance(args.batch, list) else [args.batch]
     dtype = resolve_dtype(args.dtype)
     t0 = time.perf_counter()
     if args.checkpoint:
@@ -87,43 +134,30 @@ def run_bench(args: argparse.Namespace, progress: Callable[[str], None] = print)
     else:
         raise InputError("bench needs --random-weights or --checkpoint")
     progress(f"network ready in {time.perf_counter() - t0:.1f} s")
-    dec = PiDDecoder(preset, model, progress=progress)
+    chunk = getattr(args, "pixel_chunk", "auto")
+    dec = PiDDecoder(preset, model, progress=progress, pixel_chunk=chunk)
     if args.mesh:
         dec.set_mesh(args.mesh)
-    rng = np.random.default_rng(0)
-    z = rng.standard_normal((args.batch, preset.latent.channels, h // scale, w // scale), dtype=np.float32)
-    y = rng.standard_normal((args.batch, cfg.txt_max_length, cfg.txt_embed_dim), dtype=np.float32)
-    kw = dict(sigma=0.1, steps=args.steps, seed=0)
-    dec.decode_array(z, y, **kw)  # compile + warm-up
-    compile_s, first_s = dec.timings["compile_s"], dec.timings["decode_s"]
-    times = []
-    for _ in range(max(1, args.repeats)):
-        dec.decode_array(z, y, **kw)
-        times.append(dec.timings["decode_s"])
-    median_s = statistics.median(times)
-    peak, peak_kind = peak_memory_bytes()
-    flops = decode_flops(cfg, args.batch, h, w, args.steps)
     device = jax.devices()[0]
-    peak_tf = device_peak_tflops(device)
+    runs = []
+    for b in batches:
+        runs.append(_time_one(dec, preset, b, h, w, args))
+        peak, peak_kind = peak_memory_bytes()  # process peak so far: the largest batch dominates
+        runs[-1]["peak_bytes"] = peak
     result: dict[str, Any] = {
         "device": f"{device.platform}:{getattr(device, 'device_kind', '')} x{len(jax.devices())}",
         "preset": preset.name,
         "size": f"{h}x{w}",
-        "batch": args.batch,
         "steps": args.steps,
         "dtype": args.dtype,
         "attn": args.attn,
+        "pixel_chunk": chunk,
         "mesh": "x".join(map(str, args.mesh)) if args.mesh else None,
-        "compile_s": round(compile_s, 3),
-        "first_s": round(first_s, 4),
-        "median_s": round(median_s, 4),
-        "times_s": [round(t, 4) for t in times],
-        "peak_bytes": peak,
+        **runs[0],
         "peak_kind": peak_kind,
-        "tflop": round(flops / 1e12, 3),
-        "tflops": round(flops / median_s / 1e12, 3),
-        "fraction_of_peak": round(flops / median_s / 1e12 / peak_tf, 3) if peak_tf else None,
     }
+    if len(runs) > 1:
+        result["sweep"] = runs
     if args.torch_reference:
         from pid_jax.torch_reference import time_reference
 
@@ -132,7 +166,7 @@ def run_bench(args: argparse.Namespace, progress: Callable[[str], None] = print)
             args.torch_reference,
             preset,
             size=(h, w),
-            batch=args.batch,
+            batch=batches[0],
             steps=args.steps,
             dtype=args.dtype,
             repeats=args.repeats,
@@ -140,16 +174,22 @@ def run_bench(args: argparse.Namespace, progress: Callable[[str], None] = print)
             checkpoint=args.checkpoint,
         )
         result["torch"] = ref
-        result["speedup_vs_torch"] = round(ref["median_s"] / median_s, 3)
-    print(f"pid-jax bench  {result['device']}  {preset.name}  {h}x{w}  batch {args.batch}  {args.steps} steps")
-    print(f"  dtype {args.dtype}, attention {args.attn}, mesh {result['mesh'] or 'none'}")
-    print(f"  compile            {compile_s:9.2f} s")
-    print(f"  first decode       {first_s:9.3f} s")
-    print(f"  median decode      {median_s:9.3f} s   (over {len(times)})")
-    print(f"  peak memory        {peak / 2**30:9.2f} GiB ({peak_kind})")
-    frac = f" ({result['fraction_of_peak']:.0%} of peak)" if result["fraction_of_peak"] else ""
-    print(f"  achieved           {result['tflops']:9.2f} TFLOP/s over {result['tflop']:.2f} TFLOP{frac}")
+        result["speedup_vs_torch"] = round(ref["median_s"] / result["median_s"], 3)
+    print(f"pid-jax bench  {result['device']}  {preset.name}  {h}x{w}  {args.steps} steps")
+    print(f"  dtype {args.dtype}, attention {args.attn}, pixel chunk {chunk}, mesh {result['mesh'] or 'none'}")
+    for r in runs:
+        frac = f" ({r['fraction_of_peak']:.0%} of peak)" if r["fraction_of_peak"] else ""
+        print(f"  batch {r['batch']}")
+        print(f"    compile            {r['compile_s']:9.2f} s   (tracing {r['trace_s']:.2f} s)")
+        print(f"    first decode       {r['first_s']:9.3f} s")
+        print(f"    median decode      {r['median_s']:9.3f} s   (over {len(r['times_s'])}, spread {r['spread']:.1%})")
+        print(f"    images per second  {r['images_per_s']:9.3f}")
+        print(
+            f"    peak memory        {r['peak_bytes'] / 2**30:9.2f} GiB ({peak_kind}; estimate "
+            f"{r['estimate_bytes'] / 2**30:.2f} GiB)"
+        )
+        print(f"    achieved           {r['tflops']:9.2f} TFLOP/s over {r['tflop']:.2f} TFLOP{frac}")
     if "torch" in result:
         ref_s, ratio = result["torch"]["median_s"], result["speedup_vs_torch"]
-        print(f"  upstream PyTorch   {ref_s:9.3f} s   -> pid-jax is {ratio:.2f}x")
+        print(f"  upstream PyTorch   {ref_s:9.3f} s   (batch {batches[0]}) -> pid-jax is {ratio:.2f}x")
     return result

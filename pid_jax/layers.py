@@ -2,6 +2,12 @@
 
 Weights stay in torch layout (`weight` [out, in], conv `weight` [out, in, kh, kw]) so that a released
 state dict maps onto the NNX state name for name, shape for shape, with no transposes to get wrong.
+
+Precision policy (mirrors upstream under `torch.autocast(bfloat16)`): matmuls and convolutions run in
+the parameters' dtype (bf16 params: bf16 operands, f32 accumulation, bf16 output, bias added in bf16);
+every other op runs in float32 when any operand is float32. Norm scales are applied in float32, so a
+norm's output is float32 and the residual streams that add onto it stay float32, as in upstream where
+the parameters are float32 and only matmul outputs are bf16. With float32 parameters nothing changes.
 """
 
 from __future__ import annotations
@@ -28,14 +34,18 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         w = self.weight[...]
         # Explicit HIGHEST: GPUs otherwise use TF32-like float32 matmuls, which breaks parity.
-        y = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype), precision=HIGHEST)
+        # Operands in the weight dtype (autocast: a float32 stream enters a bf16 matmul as bf16).
+        # Accumulate in float32 and add the bias before the one rounding to the output dtype, as torch's
+        # addmm (and cuBLAS's bias epilogue) do.
+        y = jnp.einsum("...i,oi->...o", x.astype(w.dtype), w, precision=HIGHEST, preferred_element_type=jnp.float32)
         if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
-        return y
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(w.dtype)
 
 
 class RMSNorm(nnx.Module):
-    """Statistics in float32, cast back to the input dtype, then scaled (upstream order)."""
+    """Statistics in float32, cast back to the input dtype, then scaled in float32 (upstream order:
+    a float32 scale times a bf16 normalised input gives float32, as torch promotes)."""
 
     def __init__(self, dim: int, eps: float = 1e-6, *, rngs: nnx.Rngs | None, dtype=jnp.float32):
         self.weight = nnx.Param(1.0 + _init(rngs, (dim,), dtype))
@@ -45,7 +55,7 @@ class RMSNorm(nnx.Module):
         xf = x.astype(jnp.float32)
         var = jnp.mean(xf * xf, axis=-1, keepdims=True)
         y = (xf * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
-        return self.weight[...].astype(x.dtype) * y
+        return self.weight[...].astype(jnp.float32) * y
 
 
 class LayerNorm(nnx.Module):
@@ -98,6 +108,8 @@ class Conv2d(nnx.Module):
         self.kernel = kernel
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.weight[...]
+        x = x.astype(w.dtype)  # operands in the weight dtype, as Linear
         p = self.kernel // 2
         if p and self.padding_mode != "zeros":
             x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode=_PAD_MODES[self.padding_mode])
@@ -106,20 +118,32 @@ class Conv2d(nnx.Module):
             pad = [(p, p), (p, p)]
         y = jax.lax.conv_general_dilated(
             x,
-            self.weight[...].astype(x.dtype),
+            w,
             window_strides=(1, 1),
             padding=pad,
             dimension_numbers=("NHWC", "OIHW", "NHWC"),
             precision=HIGHEST,
+            preferred_element_type=jnp.float32,
         )
-        return y + self.bias[...].astype(y.dtype)
+        return (y + self.bias[...].astype(jnp.float32)).astype(w.dtype)  # one rounding, as Linear
+
+
+def silu(x: jax.Array) -> jax.Array:
+    """SiLU evaluated in float32 and rounded once to the input dtype, as torch's bf16 kernel does
+    (XLA would round bf16 after the sigmoid and again after the product)."""
+    return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU in float32, rounded once to the input dtype (see `silu`)."""
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
 
 
 class SiLU(nnx.Module):
     """Parameter-free placeholder so `nn.Sequential` indices line up with upstream keys."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jax.nn.silu(x)
+        return silu(x)
 
 
 def sequential(layers: list, x: jax.Array) -> jax.Array:

@@ -21,7 +21,7 @@ class SigmaAwareGate(nnx.Module):
     """x + sigmoid(Linear([x, lq]) - exp(log_alpha) * sigma) * lq.
 
     Per token (`out` = 1, v1.5) or per token and channel (`out` = dim, v1). The sigma offset and the
-    gate are computed in float32, as upstream does even under autocast.
+    gate are computed in float32, as upstream does even under autocast, and so is the output.
     """
 
     def __init__(self, dim: int, per_dim: bool, *, rngs: nnx.Rngs | None):
@@ -32,7 +32,7 @@ class SigmaAwareGate(nnx.Module):
         logit = self.content_proj(jnp.concatenate([x, lq], axis=-1)).astype(jnp.float32)
         offset = -jnp.exp(self.log_alpha[...].astype(jnp.float32)) * sigma.astype(jnp.float32)[:, None, None]
         g = jax.nn.sigmoid(logit + offset)
-        return (x.astype(jnp.float32) + g * lq.astype(jnp.float32)).astype(x.dtype)
+        return x.astype(jnp.float32) + g * lq.astype(jnp.float32)  # float32 out, as upstream's promotion
 
 
 def build_gate(cfg: PidNetConfig, rngs: nnx.Rngs | None) -> SigmaAwareGate:

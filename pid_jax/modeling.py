@@ -18,7 +18,7 @@ from flax import nnx
 from pid_jax import rope
 from pid_jax.config import PidNetConfig
 from pid_jax.errors import InputError
-from pid_jax.layers import _init
+from pid_jax.layers import _init, silu
 from pid_jax.lq_projection import LQProjection2D, build_gate
 from pid_jax.pixeldit import (
     FinalLayer,
@@ -77,7 +77,7 @@ class PidNet(nnx.Module):
         """Caption stream input [B, min(L, txt_max_length), hidden]: like the adapter, once per decode."""
         n_txt = min(y.shape[1], self.cfg.txt_max_length)
         y_emb = self.y_embedder(y[:, :n_txt].astype(self.dtype))
-        return constrain(y_emb + self.y_pos_embedding[...][:, :n_txt].astype(self.dtype), "text")
+        return constrain(y_emb + self.y_pos_embedding[...][:, :n_txt].astype(y_emb.dtype), "text")
 
     def velocity(
         self,
@@ -94,14 +94,14 @@ class PidNet(nnx.Module):
         b, c, h, w = x.shape
         ph, pw = self.grid(h, w)
         ps, hid = cfg.patch_size, cfg.hidden_size
-        x = constrain(x.astype(dt), "image")
+        x = constrain(x.astype(jnp.float32), "image")  # matmuls cast to dt themselves (autocast order)
         sigma = degrade_sigma.astype(jnp.float32)
 
         # Patch tokens in unfold order: (channel, row, col) inside each patch.
         patches = x.reshape(b, c, ph, ps, pw, ps).transpose(0, 2, 4, 1, 3, 5).reshape(b, ph * pw, c * ps * ps)
         t_emb = self.t_embedder(t.reshape(-1), dt).reshape(b, 1, hid)
         n_txt = y_emb.shape[1]
-        cond = jax.nn.silu(t_emb)
+        cond = silu(t_emb)  # bf16 t_emb: one rounding, as torch
 
         pos = tuple(jnp.asarray(a) for a in rope.rope_2d(cfg.head_dim, ph, pw, cfg.rope_mode, *cfg.rope_ref_grid))
         pos_txt = (

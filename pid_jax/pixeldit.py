@@ -8,7 +8,7 @@ from flax import nnx
 
 from pid_jax import rope
 from pid_jax.attention import attention
-from pid_jax.layers import Linear, RMSNorm, SiLU, sequential
+from pid_jax.layers import HIGHEST, Linear, RMSNorm, SiLU, gelu, sequential, silu
 
 
 def adaln(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -44,7 +44,8 @@ class PixelTokenEmbedder(nnx.Module):
         """[B, C, H, W] -> per-pixel tokens grouped per patch [B*L, patch*patch, D]."""
         b, _, h, w = x.shape
         y = self.proj(x.transpose(0, 2, 3, 1))
-        y = y + jnp.asarray(rope.pixel_sincos(self.dout, h, w)).astype(y.dtype)[None]
+        # The table takes the input image's dtype (float32), so the pixel stream is float32 (upstream).
+        y = y + jnp.asarray(rope.pixel_sincos(self.dout, h, w)).astype(x.dtype)[None]
         hs, ws = h // patch, w // patch
         y = y.reshape(b, hs, patch, ws, patch, self.dout).transpose(0, 1, 3, 2, 4, 5)
         return y.reshape(b * hs * ws, patch * patch, self.dout)
@@ -60,7 +61,7 @@ class FeedForward(nnx.Module):
         self.w2 = Linear(hidden, dim, bias=False, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+        return self.w2(silu(self.w1(x)) * self.w3(x))
 
 
 class MLP(nnx.Module):
@@ -71,7 +72,7 @@ class MLP(nnx.Module):
         self.fc2 = Linear(int(dim * ratio), dim, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        return self.fc2(gelu(self.fc1(x)))
 
 
 def _split_heads(x: jax.Array, heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -104,11 +105,13 @@ class MMDiTJointAttention(nnx.Module):
         qx, kx = rope.apply_rope(qx, *pos_img), rope.apply_rope(kx, *pos_img)
         if pos_txt is not None:
             qy, ky = rope.apply_rope(qy, *pos_txt), rope.apply_rope(ky, *pos_txt)
+        # q, k leave the (float32) norms and RoPE in float32; attention runs in the matmul dtype (v's).
+        qx, kx, qy, ky = (a.astype(vx.dtype) for a in (qx, kx, qy, ky))
         # Joint sequence is [text, image]; no mask: upstream PiD inference attends to padded captions too.
         q = jnp.concatenate([qy, qx], axis=1)
         k = jnp.concatenate([ky, kx], axis=1)
         v = jnp.concatenate([vy, vx], axis=1)
-        o = attention(q, k, v, self.attn_impl)
+        o = attention(q, k, v, self.attn_impl, n_prefix=ny)
         oy = o[:, :ny].reshape(b, ny, c)
         ox = o[:, ny:].reshape(b, nx, c)
         return self.proj_x(ox), self.proj_y(oy)
@@ -151,6 +154,7 @@ class RotaryAttention(nnx.Module):
         b, n, c = x.shape
         q, k, v = _split_heads(self.qkv(x), self.heads)
         q, k = rope.apply_rope(self.q_norm(q), *pos), rope.apply_rope(self.k_norm(k), *pos)
+        q, k = q.astype(v.dtype), k.astype(v.dtype)
         return self.proj(attention(q, k, v, self.attn_impl).reshape(b, n, c))
 
 
@@ -178,7 +182,51 @@ class PiTBlock(nnx.Module):
         self.adaLN_modulation = nnx.List([Linear(context_dim, 6 * pixel_dim * p2, rngs=rngs)])
         self.pixel_dim, self.attn_dim, self.p2 = pixel_dim, attn_dim, p2
 
+    # Tokens per chunk of the chunked path (None: plain path). Static: part of the graph definition.
+    token_chunk: int | None = None
+
+    def _mod(self, s_cond: jax.Array, groups: tuple[int, ...]) -> list[jax.Array]:
+        """Only the named adaLN chunks, each [n, P2, pd]: the rows of the one Linear that produce them, so
+        every value is the same dot product as in the full modulation, without the [n, 6*pd*P2] tensor."""
+        lin = self.adaLN_modulation[0]
+        w = lin.weight[...].reshape(self.p2, 6, self.pixel_dim, -1)
+        b = lin.bias[...].reshape(self.p2, 6, self.pixel_dim)
+        x = s_cond.astype(w.dtype)
+        out = []
+        for i in groups:
+            y = jnp.einsum("nc,pdc->npd", x, w[:, i], precision=HIGHEST, preferred_element_type=jnp.float32)
+            out.append((y + b[:, i].astype(jnp.float32)).astype(w.dtype))
+        return out
+
+    def _chunked(self, x: jax.Array, s_cond: jax.Array, batch: int, pos) -> jax.Array:
+        """The same block, patch tokens in chunks: everything but the attention acts per token, so only the
+        compressed tokens [BL, attn_dim] exist at full length (8192x8192 outputs fit)."""
+        bl, p2, pd = x.shape
+        n = self.token_chunk
+        pad = -bl % n
+        xs = jnp.pad(x, ((0, pad), (0, 0), (0, 0))).reshape(-1, n, p2, pd)
+        cs = jnp.pad(s_cond, ((0, pad), (0, 0))).reshape(-1, n, s_cond.shape[-1])
+
+        def compress(args):
+            xi, ci = args
+            shift1, scale1 = self._mod(ci, (0, 1))
+            return self.compress_to_attn(adaln(self.norm1(xi), shift1, scale1).reshape(n, p2 * pd))
+
+        xc = jax.lax.map(compress, (xs, cs)).reshape(-1, self.attn_dim)[:bl]
+        a = self.attn(xc.reshape(batch, bl // batch, self.attn_dim), pos).reshape(bl, self.attn_dim)
+        a = jnp.pad(a, ((0, pad), (0, 0))).reshape(-1, n, self.attn_dim)
+
+        def finish(args):
+            xi, ci, ai = args
+            gate1, shift2, scale2, gate2 = self._mod(ci, (2, 3, 4, 5))
+            xi = xi + gate1 * self.expand_from_attn(ai).reshape(n, p2, pd)
+            return xi + gate2 * self.mlp(adaln(self.norm2(xi), shift2, scale2))
+
+        return jax.lax.map(finish, (xs, cs, a)).reshape(-1, p2, pd)[:bl]
+
     def __call__(self, x: jax.Array, s_cond: jax.Array, batch: int, pos) -> jax.Array:
+        if self.token_chunk is not None and x.shape[0] > self.token_chunk:
+            return self._chunked(x, s_cond, batch, pos)
         bl, p2, pd = x.shape
         # [BL, 6*pd*P2] viewed as [BL, P2, 6*pd] before the chunk: each pixel gets its own 6 vectors.
         mod = self.adaLN_modulation[0](s_cond).reshape(bl, p2, 6, pd)

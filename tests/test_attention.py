@@ -35,3 +35,38 @@ def test_unknown_implementation_is_refused() -> None:
     x = np.zeros((1, 4, 1, 8), np.float32)
     with pytest.raises(ValueError, match="unknown attention implementation"):
         attention(x, x, x, "fast")
+
+
+def test_log_sum_exp_of_the_reference() -> None:
+    from pid_jax.attention import xla_with_lse
+
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((2, n, 3, 8), dtype=np.float32) for n in (5, 9, 9))
+    out, lse = xla_with_lse(q, k, v)
+    s = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64), k) / np.sqrt(8)
+    want = np.log(np.exp(s).sum(-1))
+    assert lse.shape == (2, 3, 5)
+    np.testing.assert_allclose(np.asarray(lse), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out), _reference(q, k, v), atol=1e-5)
+
+
+@pytest.mark.parametrize("n_prefix", [1, 7, 30])
+def test_split_joint_attention_is_exact(n_prefix: int) -> None:
+    """The "mgpu" path's split at the caption/image boundary, with the kernels replaced by the reference."""
+    from pid_jax.attention import split_joint_attention, xla_with_lse
+
+    rng = np.random.default_rng(n_prefix)
+    q, k, v = (rng.standard_normal((2, n_prefix + 64, 3, 16), dtype=np.float32) * 2 for _ in range(3))
+    # Large-magnitude scores on one side check the merge is done in a stable way.
+    k[:, :n_prefix] *= 4
+    out = split_joint_attention(q, k, v, n_prefix, xla_with_lse, xla_with_lse)
+    ref = _reference(q, k, v)
+    assert np.linalg.norm(np.asarray(out) - ref) / np.linalg.norm(ref) < 1e-6
+
+
+def test_gpu_only_paths_fall_back_off_gpu() -> None:
+    """ "mgpu" on a shape its kernel cannot take runs cuDNN; off GPU both must refuse loudly, not silently."""
+    from pid_jax.attention import mgpu_fits
+
+    assert mgpu_fits(16384, 64) and mgpu_fits(65536, 64)
+    assert not mgpu_fits(16384, 72) and not mgpu_fits(16684, 64)
