@@ -87,10 +87,10 @@ class WanVAEConfig:
                 raise ConfigError(f"{source}: {k} must be a positive integer, got {v!r}")
         if not self.dim_mult or not all(type(m) is int and m > 0 for m in self.dim_mult):
             raise ConfigError(f"{source}: dim_mult must be positive integers, got {list(self.dim_mult)}")
+        if not all(type(a) in (int, float) for a in self.attn_scales):
+            raise ConfigError(f"{source}: attn_scales must be numbers (e.g. 0.5 for the half-resolution level)")
         if len(self.dim_mult) > 4:  # upstream halves the decoder input width only for levels 1..3
             raise ConfigError(f"{source}: dim_mult has {len(self.dim_mult)} levels; WanVAE2d_ builds at most 4")
-        if self.dim * self.dim_mult[-1] % 2:
-            raise ConfigError(f"{source}: dim * dim_mult[-1] must be even (the upsample conv halves it)")
         if self.z_dim != len(LATENTS_MEAN):
             raise ConfigError(
                 f"{source}: z_dim {self.z_dim}: the Qwen-Image normalisation has {len(LATENTS_MEAN)} channels"
