@@ -55,6 +55,7 @@ def _ldm_kinds() -> dict[str, VAEKind]:
 KINDS: dict[str, VAEKind] = _ldm_kinds()
 KINDS["qwenimage"] = VAEKind(wan.build, vae_wan.map_state_dict)  # the Wan-2.1 VAE (2D)
 
+
 def resolve_dtype(dtype: str | Any) -> Any:
     from pid_jax.weights import resolve_dtype as _resolve
 
