@@ -187,20 +187,21 @@ def _worker(a: dict[str, Any]) -> dict[str, Any]:
         step_idx[0] += 1
         return float(loss.detach())
 
-    def timed() -> tuple[float, float]:
+    def timed() -> tuple[float, float, float]:
         if dev == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = step()
         if dev == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t0, loss
+        return time.perf_counter() - t0, time.process_time() - c0, loss
 
-    first_s, loss = timed()
-    times = []
+    first_s, _, loss = timed()
+    times, cpu = [], []
     for _ in range(int(a["repeats"])):
-        dt, loss = timed()
+        dt, dc, loss = timed()
         times.append(dt)
+        cpu.append(dc)
     if dev == "cuda":
         peak, kind, name = int(torch.cuda.max_memory_allocated()), "cuda_max_allocated", torch.cuda.get_device_name()
     else:
@@ -214,6 +215,7 @@ def _worker(a: dict[str, Any]) -> dict[str, Any]:
         "median_s": statistics.median(times),
         "first_s": first_s,
         "times_s": times,
+        "cpu_s": statistics.median(cpu),
         "build_s": build_s,
         "peak_bytes": peak,
         "peak_kind": kind,
