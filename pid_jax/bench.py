@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pid_jax.config import PidNetConfig, load_config
-from pid_jax.decoder import PiDDecoder
+from pid_jax.decoder import PiDDecoder, pixel_chunk_for
 from pid_jax.errors import InputError
 from pid_jax.memory import estimate_decode_bytes
 from pid_jax.modeling import init_pidnet
@@ -110,7 +110,15 @@ def _time_one(dec: PiDDecoder, preset, batch: int, h: int, w: int, args: argpars
         "spread": round((max(times) - min(times)) / median_s, 3),
         "times_s": [round(t, 4) for t in times],
         "images_per_s": round(batch / median_s, 3),
-        "estimate_bytes": estimate_decode_bytes(cfg, batch, h, w, jnp.dtype(dec.dtype).itemsize, True),
+        "estimate_bytes": estimate_decode_bytes(
+            cfg,
+            batch,
+            h,
+            w,
+            jnp.dtype(dec.dtype).itemsize,
+            True,
+            pixel_chunk_for(batch * (h // cfg.patch_size) * (w // cfg.patch_size), dec.pixel_chunk),
+        ),
         "tflop": round(flops / 1e12, 3),
         "tflops": round(flops / median_s / 1e12, 3),
         "fraction_of_peak": round(flops / median_s / 1e12 / peak_tf, 3) if peak_tf else None,

@@ -232,7 +232,9 @@ class PiDDecoder:
         b = z.shape[0]
         hw = self.output_size(tuple(z.shape), output_size)
         devices = self.mesh.size if self.mesh is not None else 1
-        check_fits(self.cfg, b, hw[0], hw[1], jnp.dtype(self.dtype).itemsize, devices)
+        ps = self.cfg.patch_size
+        chunk = pixel_chunk_for(b * (hw[0] // ps) * (hw[1] // ps), self.pixel_chunk)
+        check_fits(self.cfg, b, hw[0], hw[1], jnp.dtype(self.dtype).itemsize, devices, chunk)
         sampler.t_schedule(steps, self.preset.sampler.t_list)
         sampler.check_mode(mode)
 

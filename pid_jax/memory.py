@@ -19,10 +19,17 @@ def _param_count(cfg: PidNetConfig) -> int:
 
 
 def estimate_decode_bytes(
-    cfg: PidNetConfig, batch: int, height: int, width: int, itemsize: int, flash_attention: bool
+    cfg: PidNetConfig,
+    batch: int,
+    height: int,
+    width: int,
+    itemsize: int,
+    flash_attention: bool,
+    pixel_chunk: int | None = None,
 ) -> int:
-    """Upper-end estimate of live bytes during a decode: parameters, sampler state, the largest
-    activations of one forward (pixel adaLN output, pixel MLP, attention scores) and the adapter."""
+    """Upper-end estimate of live bytes during a decode: parameters, sampler state, the pixel stream
+    (float32, full length), the per-pixel tensors of one pixel block (adaLN output, MLP hidden; one chunk
+    of `pixel_chunk` patch tokens when chunked), the patch tokens, attention scores and the adapter."""
     ps, d = cfg.patch_size, cfg.hidden_size
     n_img = (height // ps) * (width // ps)
     n = n_img + cfg.txt_max_length
@@ -30,13 +37,17 @@ def estimate_decode_bytes(
     params = _param_count(cfg) * itemsize
     image = batch * cfg.in_channels * height * width * 4
     sampler = 5 * image  # x, noise, v, x0, the next draw (float32)
-    adaln = batch * n_img * 6 * pd * p2 * itemsize
-    pixel = batch * n_img * p2 * pd * itemsize * 10  # tokens, norms, MLP hidden (4x), residuals
+    tokens_pix = batch * n_img
+    stream = tokens_pix * p2 * pd * 4 * 2  # the float32 pixel stream: block input and residual
+    live = min(tokens_pix, pixel_chunk) if pixel_chunk else tokens_pix
+    # adaLN output (6 pd), MLP hidden before and after GELU (2 x 4 pd), a float32 normalised copy.
+    per_pixel = live * p2 * pd * ((6 + 8) * itemsize + 4)
     heads = cfg.num_groups
-    scores = batch * heads * n * (min(n, 1024) if flash_attention else n) * 4
-    tokens = batch * n * (12 * d + 3 * int(2 * 4 * d / 3)) * itemsize
+    # Flash (cuDNN) or one head at a time ("heads"): at most one ~64 MB block of scores; else all of them.
+    scores = batch * min(n * n, 1 << 24) * 4 if flash_attention else batch * heads * n * n * 4
+    tokens = batch * n * (6 * d + 2 * int(2 * 4 * d / 3)) * itemsize
     adapter = batch * n_img * (4 * cfg.lq_hidden_dim + (cfg.num_lq_outputs + 1) * d) * itemsize
-    return int(params + sampler + adaln + pixel + scores + tokens + adapter)
+    return int(params + sampler + stream + per_pixel + scores + tokens + adapter)
 
 
 def available_bytes() -> tuple[int, str]:
@@ -54,10 +65,18 @@ def available_bytes() -> tuple[int, str]:
     return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "host memory"
 
 
-def check_fits(cfg: PidNetConfig, batch: int, height: int, width: int, itemsize: int, devices: int = 1) -> int:
+def check_fits(
+    cfg: PidNetConfig,
+    batch: int,
+    height: int,
+    width: int,
+    itemsize: int,
+    devices: int = 1,
+    pixel_chunk: int | None = None,
+) -> int:
     """Refuse (before compiling) a decode whose estimate exceeds the memory there is; returns the estimate."""
     flash = jax.default_backend() == "gpu" and itemsize == 2 or jax.default_backend() == "cpu"
-    need = estimate_decode_bytes(cfg, batch, height, width, itemsize, flash) // max(devices, 1)
+    need = estimate_decode_bytes(cfg, batch, height, width, itemsize, flash, pixel_chunk) // max(devices, 1)
     have, what = available_bytes()
     if need > have:
         raise InputError(

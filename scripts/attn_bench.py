@@ -76,8 +76,6 @@ def cases(size: int):
             "mgpu 128/128/2": _mgpu_blocks((128, 128, 2)),
             "mgpu 64/128/2": _mgpu_blocks((64, 128, 2)),
             "mgpu 128/64/2": _mgpu_blocks((128, 64, 2)),
-            "mgpu 64/64/2": _mgpu_blocks((64, 64, 2)),
-            "mgpu 128/128/4": _mgpu_blocks((128, 128, 4)),
             "mgpu kernel only (image x image) 128/128/2": _mgpu_kernel_only((128, 128, 2)),
             "cudnn image x image only": lambda q, k, v: A.attention(q[:, N_TXT:], k[:, N_TXT:], v[:, N_TXT:], "cudnn"),
         },
@@ -88,7 +86,6 @@ def cases(size: int):
         impls={
             "cudnn": lambda q, k, v: A.attention(q, k, v, "cudnn"),
             "cudnn pad 80": lambda q, k, v: _padded(q, k, v, 80),
-            "cudnn pad 96": lambda q, k, v: _padded(q, k, v, 96),
             "cudnn pad 128": lambda q, k, v: _padded(q, k, v, 128),
         },
     )
