@@ -29,6 +29,8 @@ def _enable_compilation_cache() -> None:
     if d and d != "0":
         jax.config.update("jax_compilation_cache_dir", d)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        # Also XLA's own GPU caches (autotuning results, compiled kernels) under the same directory.
+        jax.config.update("jax_persistent_cache_enable_xla_caches", "all")
 
 
 def _pair(what: str, example: str):
@@ -45,6 +47,24 @@ def _pair(what: str, example: str):
 
 
 _size = _pair("HxW", "512x512")
+
+
+def _batches(text: str) -> int | list[int]:
+    from pid_jax.bench import parse_batches
+
+    try:
+        return parse_batches(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _chunk(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto', 0 or a number of tokens, got {text!r}") from None
 _mesh_arg = _pair("DxS (data x sequence)", "1x4")
 
 
@@ -294,10 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--random-weights", action="store_true", help="full-size random weights, no download")
     s.add_argument("--checkpoint")
     s.add_argument("--size", type=_size, default=(256, 256))
-    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--batch", type=_batches, default=1, help="a batch size, or a sweep: 1,2,4,8")
     s.add_argument("--steps", type=int, default=4)
     s.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--pixel-chunk", type=_chunk, default="auto", help="pixel-block tokens per chunk: auto, 0 (off), N")
     s.add_argument("--attn", default="auto")
     s.add_argument("--mesh", type=_mesh_arg)
     s.add_argument("--torch-reference", metavar="UPSTREAM_DIR")
