@@ -55,10 +55,11 @@ def decode(
     return sampler.sample(velocity, noise, t_sched, draw, mode)
 
 
-# Above this many patch tokens (B x L; 4096x4096 at batch 1 is 65,536) the pixel blocks run in chunks of
-# PIXEL_CHUNK tokens, so their per-pixel tensors (adaLN output, MLP hidden) never exist at full length.
-AUTO_CHUNK_ABOVE = 65536
-PIXEL_CHUNK = 16384
+# Above this many patch tokens (B x L; 2048x2048 at batch 1 is 16,384) the pixel blocks run in chunks of
+# PIXEL_CHUNK tokens, so their per-pixel tensors (adaLN output, MLP hidden) never exist at full length:
+# 4096x4096 stays under 12 GiB with the float32 pixel stream, and 8192x8192 fits at all.
+AUTO_CHUNK_ABOVE = 16384
+PIXEL_CHUNK = 8192
 
 
 def pixel_chunk_for(tokens: int, setting: int | str | None) -> int | None:

@@ -2,13 +2,13 @@
 # One device call (issue #12), most important first so that a cut-off run still reports it:
 #  (1) 2048x2048 against upstream PyTorch (bf16 autocast), same card, same run
 #  (2) GPU parity, float32 and bfloat16 (fixtures), sampler replay
+#  (3) 4096x4096 (v1.5 network) against upstream (pixel blocks chunked, the default above 2K)
 #  (a) attention microbenchmark at the exact 2K shapes (cuDNN vs Mosaic-GPU split vs FP8, pixel head padding)
-#  (3) 4096x4096 (v1.5 network) against upstream
 #  (4) 2048x2048 kernel-time profile (JAX profiler, read back with jax.profiler.ProfileData)
 #  (5) batch sweep 1,2,4,8 at 2048x2048
 #  (6) second-process compile at 2048 and 4096 (persistent cache incl. XLA's autotune/kernel caches)
 #  (7) opt-in attention paths at full size: error vs pid-jax float32, PSNR vs the bf16 decode, time
-#  (8) chunked pixel blocks: 4096x4096 chunked, 8192x8192 peak memory
+#  (8) 4096x4096 without chunking (the speed the chunking costs), 8192x8192 peak memory
 # Prepare here: bash scripts/prepare_device.sh (and an upstream checkout at ./ref); then through the device
 # tool with carry [".whl", ".fx", "ref", ".old"] (.old: the previous code, for the baseline), command `bash scripts/device_check.sh`, timeout_s ~570.
 set -uo pipefail
@@ -48,10 +48,10 @@ run 150 bench_2048.txt $B --preset flux_2k --size 2048x2048 --repeats 5 --torch-
   ( python3 -m pid_jax.cli parity --checkpoint $FX/v1_flux/model_ema_bf16.pth --config $FX/v1_flux/config.json \
       --sampler $FX/v1_flux_4step.npz 2>&1 | tail -n 1 | sed "s/^/[sampler f32] /" > "$OUT/parity_sampler.txt" ) &
   wait ) ; cat "$OUT"/parity_*.txt | tee "$OUT/parity.txt"
-# (a)
-run 75 attn_2048.txt python3 scripts/attn_bench.py --sizes 2048 --out "$OUT/attn_2048.json"
 # (3)
 run 170 bench_4096.txt $B --preset flux_2kto4k_v1pt5 --size 4096x4096 --repeats 2 --torch-reference ref --torch-python python3
+# (a)
+run 75 attn_2048.txt python3 scripts/attn_bench.py --sizes 2048 --out "$OUT/attn_2048.json"
 # (4)
 run 70 profile_2048.txt python3 scripts/profile_decode.py --preset flux_2k --size 2048x2048 --out "$OUT/profile_2048.json"
 # (5)
@@ -65,7 +65,7 @@ unset JAX_DEBUG_LOG_MODULES
 run 120 decode_error_2048.txt python3 scripts/decode_error.py --preset flux_2k --size 2048x2048 --impls auto,mgpu,fp8 \
   --out "$OUT/decode_error_2048.json"
 # (8)
-run 120 chunk_4096.txt $B --preset flux_2kto4k_v1pt5 --size 4096x4096 --repeats 1 --pixel-chunk 16384
+run 120 plain_4096.txt $B --preset flux_2kto4k_v1pt5 --size 4096x4096 --repeats 1 --pixel-chunk 0
 run 200 chunk_8192.txt $B --preset flux_2kto4k_v1pt5 --size 8192x8192 --steps 1 --repeats 1
 run 100 attn_4096.txt python3 scripts/attn_bench.py --sizes 4096 --quick --out "$OUT/attn_4096.json"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def main(out: str) -> None:
-    names = ["bench_*.txt", "baseline_*.txt", "sweep_*.txt", "compile2_*.txt", "chunk_*.txt"]
+    names = ["bench_*.txt", "baseline_*.txt", "sweep_*.txt", "compile2_*.txt", "plain_*.txt", "chunk_*.txt"]
     for f in [p for pat in names for p in sorted(Path(out).glob(pat))]:
         lines = [ln for ln in f.read_text().splitlines() if ln.startswith("{")]
         if not lines:

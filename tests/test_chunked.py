@@ -43,9 +43,9 @@ def test_chunked_path_runs_in_bfloat16_too() -> None:
     assert np.linalg.norm(chunked - plain) / np.linalg.norm(plain) < 1e-2
 
 
-def test_auto_chunks_only_past_4k() -> None:
-    assert pixel_chunk_for(AUTO_CHUNK_ABOVE, "auto") is None  # 4096x4096, batch 1: plain
-    assert pixel_chunk_for(4 * AUTO_CHUNK_ABOVE, "auto") == PIXEL_CHUNK  # 8192x8192
+def test_auto_chunks_only_past_2k() -> None:
+    assert pixel_chunk_for(AUTO_CHUNK_ABOVE, "auto") is None  # 2048x2048, batch 1: plain
+    assert pixel_chunk_for(4 * AUTO_CHUNK_ABOVE, "auto") == PIXEL_CHUNK  # 4096x4096
     assert pixel_chunk_for(10**6, 0) is None and pixel_chunk_for(10**6, None) is None
     assert pixel_chunk_for(100, 64) == 64 and pixel_chunk_for(64, 64) is None
     for bad in (-1, "fast", 2.5, True):
