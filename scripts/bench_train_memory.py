@@ -56,7 +56,11 @@ def main(argv: list[str]) -> None:
             }
             fn = jax.jit(lambda st, b, c=tcfg, g=graphdef: train_step(g, c, st, b), donate_argnums=0)
             t0 = time.perf_counter()
-            compiled = fn.lower(state, batch).compile()
+            try:
+                compiled = fn.lower(state, batch).compile()
+            except Exception as e:
+                print(json.dumps({"size": size, "remat": remat, "error": f"compile: {str(e).splitlines()[0][:300]}"}))
+                continue
             compile_s = time.perf_counter() - t0
             mem = compiled.memory_analysis()
             row = {
@@ -81,6 +85,7 @@ def main(argv: list[str]) -> None:
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             print(json.dumps(row), flush=True)
             del state, compiled, fn
+            jax.clear_caches()
 
 
 if __name__ == "__main__":
