@@ -164,8 +164,11 @@ def _run(block: nnx.Module, remat: bool, **static) -> Callable:
     """
     if not remat:
         return lambda *args: block(*args, **static)
-    f = nnx.remat(lambda blk, *args: blk(*args, **static))
-    return lambda *args: f(block, *args)
+    # jax.checkpoint on the split block (its parameters are inputs): blocks never mutate state, and
+    # nnx.remat's write-back would touch Variables that belong to an outer trace (jax.grad's).
+    graphdef, state = nnx.split(block)
+    f = jax.checkpoint(lambda st, *args: nnx.merge(graphdef, st)(*args, **static))
+    return lambda *args: f(state, *args)
 
 
 def _put(acts: Acts | None, name: str, value: jax.Array) -> None:
