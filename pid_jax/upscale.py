@@ -96,6 +96,7 @@ class PiDUpscaler:
         self.vae = vae
         self.tiling = tiling
         self.vae_source = vae_source
+        self.tile_passes = 0  # whole-image statistics refinement passes for tiled VAE runs (see vae/tiling.py)
         self.progress = progress or (lambda _m: None)
 
     # --- construction -------------------------------------------------------------------------
@@ -190,7 +191,7 @@ class PiDUpscaler:
         x = imgs.to_model_input(pixels)
         if tiling is None:
             return np.asarray(self.vae.encode(x), np.float32)
-        return tiled_encode(self.vae, x, tiling, self.progress)
+        return tiled_encode(self.vae, x, tiling, self.progress, passes=self.tile_passes)
 
     def vae_decode(self, latent: Any, tiling: Tiling | str | None = "auto") -> np.ndarray:
         """The VAE's own decode of a normalised latent [B, C, h, w] -> images [B, 3, H, W] (upstream's range)."""
@@ -206,7 +207,7 @@ class PiDUpscaler:
             )
         if tiling is None:
             return np.asarray(self.vae.decode(z), np.float32)
-        return tiled_decode(self.vae, z, tiling, self.progress)
+        return tiled_decode(self.vae, z, tiling, self.progress, passes=self.tile_passes)
 
     def prepare(self, image: Any, crop: bool = True, alpha: str = "refuse", name: str = "image"):
         """Read and crop one input (everything that can be refused is refused here, before any compute)."""

@@ -40,15 +40,13 @@ class ProgressBar:
 
 
 def _tiling(args: argparse.Namespace):
-    from pid_jax.vae.tiling import DEFAULT_OVERLAP, Tiling
+    from pid_jax.vae.tiling import Tiling
 
     if args.tile is None:
         return "auto"
     if args.tile == 0:
         return None
-    return Tiling(
-        args.tile, args.tile_overlap if args.tile_overlap is not None else min(DEFAULT_OVERLAP, args.tile // 4)
-    )
+    return Tiling(args.tile, args.tile_overlap if args.tile_overlap is not None else args.tile // 2)
 
 
 def _settings(args: argparse.Namespace, **more) -> str:
@@ -119,6 +117,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         tiling=tiling,
         progress=_say,
     )
+    up.tile_passes = args.tile_passes
     if up.multiple != multiple:  # every released VAE divides 16 (flux2 is /16); a custom config might not
         raise InputError(f"the VAE's down factor {up.vae.config.down_factor} does not divide the crop multiple 16")
     if args.mesh:
@@ -212,7 +211,7 @@ def cmd_vae_decode(args: argparse.Namespace) -> int:
     else:
         from pid_jax.vae.tiling import tiled_decode
 
-        x = tiled_decode(vae, z, tiling, _say)
+        x = tiled_decode(vae, z, tiling, _say, passes=args.tile_passes)
     meta = _settings(args, vae_kind=kind, latent=str(args.latent))
     write_pngs(to_uint8(x), paths, {"pid-jax": meta})
     for p in paths:
@@ -225,7 +224,10 @@ def _common(s: argparse.ArgumentParser) -> None:
     s.add_argument("--vae-config", help="VAE config JSON for a non-released size (e.g. a fixture's config.json)")
     s.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     s.add_argument("--tile", type=int, help="VAE tile side in latent pixels (0: never tile; default: by memory)")
-    s.add_argument("--tile-overlap", type=int, help="VAE tile overlap in latent pixels (default tile/4, at most 16)")
+    s.add_argument("--tile-overlap", type=int, help="VAE tile overlap in latent pixels (default tile/2)")
+    s.add_argument(
+        "--tile-passes", type=int, default=0, help="extra passes gathering whole-image GroupNorm/attention statistics"
+    )
     s.add_argument("--cache-dir", help="Hugging Face cache directory")
 
 
