@@ -9,6 +9,7 @@ _LAZY = {
     "PiDDecoder": "pid_jax.decoder",
     "decode": "pid_jax.decoder",
     "noise_latent": "pid_jax.sampler",
+    "PiDUpscaler": "pid_jax.upscale",
     "PidNet": "pid_jax.modeling",
     "init_pidnet": "pid_jax.modeling",
     "load_model": "pid_jax.weights",
