@@ -162,3 +162,23 @@ def test_cli_refuses_bad_inputs_and_writes_nothing(tmp_path: Path, capsys) -> No
         assert not out.exists()
     assert main(["upscale", str(good), "--backbone", "flux", "--out", str(out)]) == 2
     assert "exactly one of --prompt" in capsys.readouterr().err
+
+
+def test_vae_download_from_hub_cache_offline(tmp_path: Path, monkeypatch) -> None:
+    """The released VAE file resolves through the Hub cache (offline here); a missing one is one clear error."""
+    import huggingface_hub.constants
+
+    from pid_jax.errors import PidError
+    from pid_jax.upscale import download_vae
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    repo, commit = tmp_path / "models--nvidia--PiD", "0" * 40
+    snap = repo / "snapshots" / commit / "checkpoints" / "ae.safetensors"
+    snap.parent.mkdir(parents=True)
+    snap.write_bytes(b"weights")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    assert download_vae("flux", cache_dir=tmp_path).read_bytes() == b"weights"
+    with pytest.raises(PidError, match=r"nvidia/PiD/checkpoints/sdxl_vae\.safetensors is not in the local cache"):
+        download_vae("sdxl", cache_dir=tmp_path)
