@@ -200,9 +200,13 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pid_jax.demo import run_demo
+    from pid_jax.demo import run_demo, run_random_demo
 
-    run_demo(args.out, size=args.size, steps=args.steps, seed=args.seed, dtype=args.dtype, progress=_progress)
+    if args.random_weights:
+        steps = 4 if args.steps is None else args.steps
+        run_random_demo(args.out or "demo.png", args.size, steps, args.seed, args.dtype, progress=_progress)
+    else:
+        run_demo(args.out or "pid-jax-demo", args.steps, args.mode, args.seed, args.dtype, progress=_progress)
     return 0
 
 
@@ -233,7 +237,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # Subsystems that bring their own verbs: each module has `register(subparsers)`, which adds its parsers
 # (with `set_defaults(fn=...)`) and imports nothing heavy at registration time.
-VERB_MODULES: list[str] = ["pid_jax.vae.cli", "pid_jax.train.cli"]
+VERB_MODULES: list[str] = ["pid_jax.vae.cli", "pid_jax.train.cli", "pid_jax.eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,10 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_decode)
 
-    s = sub.add_parser("demo", help="offline demo on a small random network (no download)")
-    s.add_argument("--out", default="demo.png")
-    s.add_argument("--size", type=int, default=256, help="output side in pixels (multiple of 32)")
-    s.add_argument("--steps", type=int, default=4)
+    s = sub.add_parser("demo", help="offline demo: the shipped small PiD super-resolves held-out photographs 4x")
+    s.add_argument("--out", help="directory of the comparison PNGs (default pid-jax-demo; --random-weights: demo.png)")
+    s.add_argument("--random-weights", action="store_true", help="pipeline check on a small random network instead")
+    s.add_argument("--size", type=int, default=256, help="--random-weights: output side in pixels (multiple of 32)")
+    s.add_argument("--steps", type=int, help="sampler steps (default: the shipped model's recorded choice; 4 random)")
+    s.add_argument("--mode", choices=("sde", "ode"), help="sampler mode (default: the recorded choice)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     s.set_defaults(fn=cmd_demo)

@@ -214,7 +214,7 @@ def test_refused_decode_writes_nothing(capsys, tmp_path: Path, case: str, patter
 
 
 def test_demo(capsys, tmp_path: Path) -> None:
-    code, out, err = run(capsys, "demo", "--out", tmp_path / "demo.png")
+    code, out, err = run(capsys, "demo", "--random-weights", "--out", tmp_path / "demo.png")
     assert code == 0, err
     assert files_under(tmp_path) == ["demo.png"]
     assert "RANDOM WEIGHTS" in out and out.rstrip().endswith(f"wrote {tmp_path / 'demo.png'}")
