@@ -51,13 +51,21 @@ def undefined_names(code: str) -> set[str]:
     return read - bound
 
 
+def pid_jax_args(command: str) -> list[str]:
+    """One `pid-jax ...` command's arguments: `[...]` marks optional ones (unwrapped), `# ...` is a comment, and
+    an all-capitals word is a placeholder the reader fills in (`--steps N`, `--config CFG`): it becomes "1",
+    which every int, float and path option accepts."""
+    words = shlex.split(command.replace("[", " ").replace("]", " "), comments=True)
+    return ["1" if re.fullmatch(r"[A-Z][A-Z0-9_]*", w) else w for w in words]
+
+
 def commands(code: str) -> list[list[str]]:
-    """The `pid-jax` invocations of a shell block; `[...]` marks optional arguments and is unwrapped."""
+    """The `pid-jax` invocations of a shell block."""
     joined = code.replace("\\\n", " ")
     out = []
     for line in joined.splitlines():
         for part in line.split("&&"):
-            words = shlex.split(part.replace("[", " ").replace("]", " "))
+            words = pid_jax_args(part)
             if words[:1] == ["pid-jax"]:
                 out.append(words[1:])
     return out
@@ -114,7 +122,7 @@ def test_verb_table_commands_parse() -> None:
     rows = re.findall(r"^\| `pid-jax ([^`]*)` \|", README, re.M)
     assert len(rows) >= 6, rows
     for row in rows:
-        build_parser().parse_args(shlex.split(row))
+        build_parser().parse_args(pid_jax_args(row))
 
 
 def test_test_command_is_what_ci_runs() -> None:
