@@ -54,7 +54,7 @@ CENTRE_512 = {"retina", "hubble_deep_field"}
 
 SEED = 0
 TRAIN_ARGS = {
-    "steps": 1800,
+    "steps": 1000,
     "batch": 4,
     "size": "96x96",
     "lr": 7e-4,
