@@ -1,4 +1,4 @@
-"""Build the compact VAE fixtures (tests/data/vae/{flux,sdxl,flux2}) with the shared generator at small sizes.
+"""Build the compact VAE fixtures (tests/data/vae/{flux,sdxl,flux2,qwenimage}) with the shared generator, small.
 
 Usage (a Python with torch CPU + einops + safetensors, PID_REF = an upstream PiD checkout at 2c8814c):
     PID_REF=../upstream FIX_SEED=9 python scripts/make_compact_vae_fixtures.py tests/data
@@ -9,6 +9,11 @@ Why these widths: GroupNorm(32) needs 32 channels, so `ch` stays 32 and the file
 multipliers. SDXL keeps four levels, because upstream's diffusers -> LDM key conversion assumes four (the
 up_blocks numbering); flux uses two and flux2 one (their files are in upstream's own layout). The shared set (wider,
 four levels everywhere, with width changes that exercise `nin_shortcut`) stays the extended check.
+Qwen-Image (Wan-2.1 2D) normalises with RMS_norm, not GroupNorm, so its base width drops to 6 (the generator's
+small default is 16; the file shrinks ~6x, keeping tests/data under its 10 MB budget) while keeping the four levels,
+the 1->2->4 width changes (shortcut convs), the middle attention block, the 16 latent channels upstream's
+normalisation constants need, bf16 weights, B=2 and a non-square 32x48 input:
+    PID_REF=../upstream FIX_SEED=9 FIX_ONLY=qwenimage python scripts/make_compact_vae_fixtures.py /tmp/newq
 """
 
 from __future__ import annotations
@@ -32,7 +37,21 @@ CASES = {
     "flux": (dict(ch=32, ch_mult=[1, 1], num_res_blocks=1), (16, 16), 2),
     "sdxl": (dict(ch=32, ch_mult=[1, 1, 1, 1], num_res_blocks=1), (32, 32), 2),
     "flux2": (dict(ch=32, ch_mult=[1], num_res_blocks=1), (16, 16), 2),  # float32 file: one level
+    "qwenimage": (dict(dim=6, dim_mult=[1, 2, 4, 4], num_res_blocks=1), (32, 48), 2),  # bf16 .pth, non-square
 }
+_build = mvf.build
+
+
+def _build_small(kind: str, tiny: bool = True):
+    """The generator's `build`, with the Qwen-Image widths from CASES (its own `build` ignores TINY for that kind)."""
+    model, cfg = _build(kind, tiny)
+    if kind != "qwenimage" or not tiny:
+        return model, cfg
+    cfg = {**cfg, **mvf.TINY}
+    return mvf.qwenimage_vae.WanVAE2d_(**cfg), cfg
+
+
+mvf.build = _build_small
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ BOUNDS = {"float32": 1e-4, "bfloat16": 3e-2}
 # set's case (torch 2.13 CPU, scripts/upstream_vae_wan_bf16.py): ours must be at least as faithful, row by row.
 UPSTREAM_BF16 = {
     "extended": {"act.moments": 1.215e-2, "out.latent": 8.496e-3, "out.image": 1.403e-2},
-    "compact": {"act.moments": 1.080e-2, "out.latent": 9.651e-3, "out.image": 1.151e-2},
+    "compact": {"act.moments": 1.516e-2, "out.latent": 7.807e-3, "out.image": 1.728e-2},
 }
 
 
