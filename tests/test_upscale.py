@@ -1,8 +1,11 @@
 """`pid-jax upscale`, `pid-jax vae-decode` and `PiDUpscaler` end to end on CPU: the small fixture VAE (flux
-layout, random weights) and a small random PiD network (the demo preset: 16-channel latent, /8, 4x)."""
+layout, random weights) and a small random PiD network (the demo preset, 4x, with the latent channels and down
+factor of the fixture VAE: /8 in the extended set, /2 in the compact one)."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +34,14 @@ def _vae_files(kind: str = "flux") -> tuple[Path, Path]:
 def parts():
     from pid_jax.vae import load_vae
 
-    preset = load_preset("demo")
-    model = init_pidnet(preset.network, seed=3)
     ckpt, cfg = _vae_files()
     vae = load_vae("flux", ckpt, dtype="float32", config=cfg)
+    # The demo network on the fixture VAE's latent (the compact flux VAE has 2 levels: /2, not /8).
+    demo = load_preset("demo")
+    c, f = vae.config.latent_channels, vae.config.down_factor
+    net = dataclasses.replace(demo.network, lq_latent_channels=c, latent_spatial_down_factor=f)
+    preset = dataclasses.replace(demo, network=net, latent=dataclasses.replace(demo.latent, channels=c, vae_factor=f))
+    model = init_pidnet(preset.network, seed=3)
     return preset, model, vae
 
 
@@ -72,7 +79,10 @@ def test_incompatible_vae_is_refused(parts) -> None:
     preset, model, _ = parts
     ckpt, cfg = _vae_files("sdxl")
     sdxl = load_vae("sdxl", ckpt, dtype="float32", config=cfg)
-    with pytest.raises(ConfigError, match=r"gives 4-channel latents at /8, but PiD preset demo expects 16"):
+    c, f = sdxl.config.latent_channels, sdxl.config.down_factor
+    want = f"gives {c}-channel latents at /{f}, but PiD preset demo expects {preset.latent.channels} channels at "
+    want += f"/{preset.network.latent_spatial_down_factor}"
+    with pytest.raises(ConfigError, match=re.escape(want)):
         PiDUpscaler(PiDDecoder(preset, model), sdxl)
 
 
