@@ -52,6 +52,11 @@ class TrainCheckpointer:
         )
         with _quiet_absl():
             self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+            # Orbax removes leftover temporary directories in a background future that only its next save() awaits
+            # (not close()); wait here so an opened run directory is clean, deterministically.
+            await_cleanup = getattr(self._mngr, "_maybe_await_cleanup_tmp_directory", None)
+            if await_cleanup is not None:
+                await_cleanup()
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
