@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from pid_jax.cli import _pair, _progress  # one parser for AxB pairs, one progress printer
 from pid_jax.errors import InputError
 
 STAGE_HELP = (
@@ -15,19 +15,6 @@ STAGE_HELP = (
 )
 
 
-def _pair(what: str, example: str):
-    def parse(s: str) -> tuple[int, int]:
-        try:
-            a, b = s.lower().split("x")
-            return int(a), int(b)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, e.g. {example}, got {s!r}") from None
-
-    return parse
-
-
-def _progress(msg: str) -> None:
-    print(f"[pid-jax] {msg}", file=sys.stderr, flush=True)
 
 
 def register(sub) -> None:
