@@ -35,28 +35,33 @@ def resolve_preset(backbone: str, variant: str = "2k") -> Preset:
     raise ConfigError(f"backbone {backbone!r} has no {variant!r} release; released variants: {', '.join(have)}")
 
 
-def download(preset: Preset, cache_dir: str | Path | None = None, revision: str | None = None) -> Path:
-    """The checkpoint file for a preset, from the local Hub cache or downloaded into it."""
-    if preset.hub is None:
-        raise ConfigError(f"preset {preset.name!r} names no Hub location")
+def download_file(
+    repo_id: str, filename: str, cache_dir: str | Path | None = None, revision: str | None = None, hint: str = ""
+) -> Path:
+    """One file of a Hub repository, from the local cache or downloaded into it; one PidError naming it otherwise.
+
+    `hint` ends the message for a file that is neither cached nor downloadable (what the user can pass instead).
+    """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return Path(
             hf_hub_download(
-                preset.hub.repo_id,
-                preset.hub.filename,
-                cache_dir=str(cache_dir) if cache_dir is not None else None,
-                revision=revision,
+                repo_id, filename, cache_dir=str(cache_dir) if cache_dir is not None else None, revision=revision
             )
         )
     except LocalEntryNotFoundError as e:
         raise PidError(
-            f"{preset.hub.repo_id}/{preset.hub.filename} is not in the local cache and cannot be downloaded "
-            f"now ({str(e).splitlines()[0]}); check the network, HF_HUB_OFFLINE and the cache directory"
+            f"{repo_id}/{filename} is not in the local cache and cannot be downloaded now "
+            f"({str(e).splitlines()[0]}); {hint}check the network, HF_HUB_OFFLINE and the cache directory"
         ) from None
     except Exception as e:  # HTTP errors, gated repos, missing tokens: say which file and why
-        raise PidError(
-            f"downloading {preset.hub.repo_id}/{preset.hub.filename} failed: {type(e).__name__}: {e}"
-        ) from None
+        raise PidError(f"downloading {repo_id}/{filename} failed: {type(e).__name__}: {e}") from None
+
+
+def download(preset: Preset, cache_dir: str | Path | None = None, revision: str | None = None) -> Path:
+    """The checkpoint file for a preset, from the local Hub cache or downloaded into it."""
+    if preset.hub is None:
+        raise ConfigError(f"preset {preset.name!r} names no Hub location")
+    return download_file(preset.hub.repo_id, preset.hub.filename, cache_dir, revision)

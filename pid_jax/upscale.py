@@ -22,7 +22,8 @@ import numpy as np
 
 from pid_jax import images as imgs
 from pid_jax.decoder import PiDDecoder
-from pid_jax.errors import ConfigError, InputError, PidError
+from pid_jax.errors import ConfigError, InputError
+from pid_jax.hub import download_file
 from pid_jax.memory import available_bytes, estimate_decode_bytes
 from pid_jax.sampler import noise_latent, to_uint8
 from pid_jax.vae import HUB_REPO, vae_kind_for_backbone
@@ -36,23 +37,9 @@ def download_vae(
     kind: str, cache_dir: str | Path | None = None, revision: str | None = None, repo_id: str = HUB_REPO
 ) -> Path:
     """The released VAE file of a kind (under `checkpoints/` of nvidia/PiD), from the Hub cache or downloaded."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
     from pid_jax.vae import HUB_FILES
 
-    filename = HUB_FILES[kind]
-    try:
-        return Path(
-            hf_hub_download(repo_id, filename, cache_dir=str(cache_dir) if cache_dir else None, revision=revision)
-        )
-    except LocalEntryNotFoundError as e:
-        raise PidError(
-            f"{repo_id}/{filename} is not in the local cache and cannot be downloaded now "
-            f"({str(e).splitlines()[0]}); pass --vae-checkpoint FILE, or check the network and HF_HUB_OFFLINE"
-        ) from None
-    except Exception as e:  # HTTP errors, gated repos, missing tokens: say which file and why
-        raise PidError(f"downloading {repo_id}/{filename} failed: {type(e).__name__}: {e}") from None
+    return download_file(repo_id, HUB_FILES[kind], cache_dir, revision, hint="pass --vae-checkpoint FILE, or ")
 
 
 def check_compatible(vae: Any, decoder: PiDDecoder, vae_source: str = "the VAE") -> None:
