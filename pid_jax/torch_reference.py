@@ -85,15 +85,22 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def _run_worker(python: str, payload: dict[str, Any], timeout: float | None) -> dict[str, Any]:
-    """Run one worker command and return its JSON; PidError (one line) on any failure."""
-    cmd = [python, "-m", "pid_jax.torch_reference", json.dumps(payload)]
+def _run_worker(
+    python: str, payload: dict[str, Any], timeout: float | None, argv: list[str] | None = None, label: str = ""
+) -> dict[str, Any]:
+    """Run one worker command and return its JSON; PidError (one line) on any failure.
+
+    `argv` replaces this module's own worker (`python -m pid_jax.torch_reference PAYLOAD`), `label` the payload's
+    `cmd` in messages: the training-step worker runs through here too.
+    """
+    cmd = [python, *(argv or ["-m", "pid_jax.torch_reference"]), json.dumps(payload)]
+    what = label or payload["cmd"]
     try:
         proc = subprocess.run(
             cmd, capture_output=True, text=True, env=_worker_env(), cwd=str(_REPO_ROOT), timeout=timeout
         )
     except subprocess.TimeoutExpired:
-        raise PidError(f"torch reference ({payload['cmd']}) in {python} ran past {timeout} s") from None
+        raise PidError(f"torch reference ({what}) in {python} ran past {timeout} s") from None
     except OSError as e:
         raise PidError(f"cannot start {python}: {e.strerror or e}") from None
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
@@ -106,7 +113,7 @@ def _run_worker(python: str, payload: dict[str, Any], timeout: float | None) -> 
     if not isinstance(result, dict):
         err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         last = err[-1].strip() if err else "(no stderr)"
-        raise PidError(f"torch reference ({payload['cmd']}) in {python} exited with code {proc.returncode}: {last}")
+        raise PidError(f"torch reference ({what}) in {python} exited with code {proc.returncode}: {last}")
     return result
 
 

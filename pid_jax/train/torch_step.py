@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -45,7 +44,7 @@ def time_train_reference(
 ) -> dict[str, Any]:
     """Median time of upstream's training step (random weights, torch's default init) and the worker's facts."""
     from pid_jax.errors import InputError, PidError
-    from pid_jax.torch_reference import _check_size, _fail, _network_kwargs, _python, _static_problem, _worker_env
+    from pid_jax.torch_reference import _check_size, _fail, _network_kwargs, _python, _run_worker, _static_problem
 
     if stage not in ("teacher", "full"):
         raise InputError(f"stage={stage!r} (expected 'teacher' or 'full')")
@@ -68,27 +67,9 @@ def time_train_reference(
         "threads": threads,
         "seed": seed,
     }
+    # By file path, so the worker never imports the package (and with it JAX) beside torch.
     code = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
-    cmd = [py, "-c", code, str(_HERE), json.dumps(payload)]
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, env=_worker_env(), cwd=str(_REPO_ROOT), timeout=timeout
-        )
-    except subprocess.TimeoutExpired:
-        raise PidError(f"torch reference (train step) in {py} ran past {timeout} s") from None
-    except OSError as e:
-        raise PidError(f"cannot start {py}: {e.strerror or e}") from None
-    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-    try:
-        r = json.loads(lines[-1]) if lines else None
-    except json.JSONDecodeError:
-        r = None
-    if not isinstance(r, dict):
-        err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        raise PidError(
-            f"torch reference (train step) in {py} exited with code {proc.returncode}: "
-            f"{err[-1].strip() if err else '(no stderr)'}"
-        )
+    r = _run_worker(py, payload, timeout, argv=["-c", code, str(_HERE)], label="train step")
     if not r.get("ok"):
         raise _fail(py, r)
     r.pop("ok", None)
