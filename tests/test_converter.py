@@ -18,15 +18,11 @@ from conftest import expected_mismatch, mismatch_text, pidnet_files
 from flax import nnx
 from pid_jax.convert.pidnet import expected_shapes, map_state_dict, state_dict_of
 from pid_jax.convert.torch_checkpoint import load_state_dict
+from pid_jax.convert.torch_save import Global, ODict, Reduce, dumps, write_checkpoint
 
 from pid_jax.config import PidNetConfig, load_config
 from pid_jax.errors import CheckpointError, ConfigError, PidError
 from pid_jax.weights import convert_checkpoint, load_converted, load_model, write_converted
-
-try:  # tests/ is not a package; pytest's default import mode puts this directory on sys.path
-    from torch_zip_factory import Global, ODict, Reduce, dumps, write_checkpoint
-except ImportError:  # pragma: no cover
-    from tests.torch_zip_factory import Global, ODict, Reduce, dumps, write_checkpoint
 
 AUX = "lq_proj.lq_aux_rgb_head."
 pytestmark = pytest.mark.usefixtures("memoized_shape_evaluation")

@@ -25,7 +25,7 @@ from hypothesis import strategies as hs
 from pid_jax.convert import torch_checkpoint as tc
 from pid_jax.convert.safetensors_io import load_safetensors
 from pid_jax.convert.torch_checkpoint import load_state_dict, load_torch_checkpoint
-from torch_zip_factory import (
+from pid_jax.convert.torch_save import (
     Build,
     Global,
     ODict,
