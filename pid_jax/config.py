@@ -190,6 +190,9 @@ class SamplerSpec:
     t_list: tuple[float, ...] = STUDENT_T_LIST
     steps: int = 4
     mode: str = "sde"
+    # Output pixels: decode larger images as overlapping tiles of this size (a network trained at one size).
+    tile: int | None = None
+    tile_overlap: int = 0
 
 
 @dataclass(frozen=True)
@@ -246,6 +249,12 @@ class Preset:
             raise ConfigError(
                 f"{source}: latent.channels={latent.channels} != network lq_latent_channels={net.lq_latent_channels}"
             )
+        if sampler.tile is not None:
+            t, o, sc, ps = sampler.tile, sampler.tile_overlap, net.pixel_scale, net.patch_size
+            if not (isinstance(t, int) and t > 0 and t % ps == 0 and t % sc == 0):
+                raise ConfigError(f"{source}: sampler.tile={t!r} must be a positive multiple of {ps} and {sc}")
+            if not (isinstance(o, int) and 0 <= o < t and o % sc == 0):
+                raise ConfigError(f"{source}: sampler.tile_overlap={o!r} must be a multiple of {sc} in [0, {t})")
         if latent.noising not in ("flow", "vp"):
             raise ConfigError(f"{source}: latent.noising={latent.noising!r} (expected 'flow' or 'vp')")
         return cls(

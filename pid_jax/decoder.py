@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pid_jax import hub, sampler
+from pid_jax import hub, sampler, tiled_decode
 from pid_jax.config import STUDENT_T_LIST, Preset
 from pid_jax.errors import InputError
 from pid_jax.memory import check_fits
@@ -40,8 +40,25 @@ def decode(
     steps: int = 4,
     mode: str = "sde",
     t_list: Sequence[float] = STUDENT_T_LIST,
+    tile: int | None = None,
+    tile_overlap: int = 0,
 ) -> jax.Array:
-    """Decode latents [B, C, h, w] to images [B, 3, height, width] in [-1, 1]. Pure: jit/vmap-safe."""
+    """Decode latents [B, C, h, w] to images [B, 3, height, width] in [-1, 1]. Pure: jit/vmap-safe.
+
+    With `tile` (output pixels), an image larger than the tile is decoded as overlapping tiles of that
+    size in one batch and blended (`tiled_decode`): for networks trained at a single size.
+    """
+    if tile is not None and (height > tile or width > tile):
+        scale = height // latents.shape[2]
+        lt, lo = tiled_decode.check_tiling(tile, tile_overlap, scale, model.cfg.patch_size)
+        th, tw = min(lt, latents.shape[2]), min(lt, latents.shape[3])
+        origins = tiled_decode.plan(latents.shape[2], latents.shape[3], lt, lo)
+        n = len(origins)
+        z = tiled_decode.split(latents, origins, th, tw)
+        y = jnp.repeat(caption_embeddings, n, axis=0)
+        s = jnp.repeat(jnp.broadcast_to(sigma, (latents.shape[0],)), n, axis=0)
+        tiles = decode(model, z, y, s, key, height=th * scale, width=tw * scale, steps=steps, mode=mode, t_list=t_list)
+        return tiled_decode.blend(tiles, origins, scale, height, width, lo)
     t_sched = sampler.t_schedule(steps, tuple(t_list))
     b = latents.shape[0]
     # The adapter and the caption stream's input see neither x nor t: compute them once, not per step.
@@ -267,11 +284,12 @@ class PiDDecoder:
             b, ps = shape_key[0][0], self.cfg.patch_size
             chunk = pixel_chunk_for(b * (height // ps) * (width // ps), self.pixel_chunk)
             graphdef = with_pixel_chunk(self.graphdef, self.params, chunk) if chunk else self.graphdef
-            t_list = self.preset.sampler.t_list
+            sp = self.preset.sampler
+            kw = dict(height=height, width=width, steps=steps, mode=mode, t_list=sp.t_list)
+            kw.update(tile=sp.tile, tile_overlap=sp.tile_overlap)
 
             def run(params, z, y, s, key):
-                m = nnx.merge(graphdef, params)
-                return decode(m, z, y, s, key, height=height, width=width, steps=steps, mode=mode, t_list=t_list)
+                return decode(nnx.merge(graphdef, params), z, y, s, key, **kw)
 
             self._compiled[shape_key] = jax.jit(run)
         return self._compiled[shape_key]

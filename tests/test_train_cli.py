@@ -110,3 +110,26 @@ def test_run_directory_rules(setup, capsys) -> None:
     assert msg == "error: train-export needs --out DIR and/or --pth FILE"
     msg = _err(capsys, ["train-export", str(d / "nowhere"), "--pth", str(d / "x.pth")])
     assert msg.startswith(f"error: {d / 'nowhere'}: not a pid-jax run directory")
+
+
+def test_recipe_flags_reach_the_train_config(setup, monkeypatch) -> None:
+    """Every optimisation and draw flag lands in the TrainConfig the run uses (the demo recipe needs them)."""
+    import pid_jax.train.loop as loop
+
+    seen = {}
+
+    def fake_run(opts, progress=None):
+        seen["tcfg"] = loop.train_config(opts)
+        return {"step": 0, "metrics": {}, "out": opts.out}
+
+    monkeypatch.setattr(loop, "run", fake_run)
+    d, preset, data = setup
+    flags = {"--lr-f-min": "0.05", "--lr-cycle-steps": "90", "--warmup": "10", "--ema-sigma-rel": "0.05",
+             "--shift": "3", "--t-mean": "-0.5", "--t-std": "0.8", "--apply-prob": "0", "--sigma-max": "0.5",
+             "--lq-drop-prob": "0", "--caption-drop-prob": "0.2"}  # fmt: skip
+    assert cli.main(_args(d, preset, data, "flags", "--stage", "full", *[x for kv in flags.items() for x in kv])) == 0
+    t = seen["tcfg"]
+    got = (t.lr_f_min, t.lr_cycle_steps, t.warmup_steps, t.ema_sigma_rel, t.shift, t.t_mean, t.t_std)
+    assert got == (0.05, 90, 10, 0.05, 3.0, -0.5, 0.8)
+    assert (t.apply_prob, t.sigma_max, t.lq_drop_prob, t.caption_drop_prob) == (0.0, 0.5, 0.0, 0.2)
+    assert not (d / "flags").exists()

@@ -141,6 +141,11 @@ def test_lr_schedule_lambda_linear() -> None:
     for n, f in [(0, 1e-6), (1, 1e-6 + (1 - 1e-6) / 2000), (1000, 1e-6 + (1 - 1e-6) * 0.5), (2000, 1.0), (9999, 1.0)]:
         assert float(optim.lr_at(tcfg, n)) == pytest.approx(5e-5 * f, rel=1e-6)
     assert float(optim.lr_at(TrainConfig(lr=1e-2, warmup_steps=0), 0)) == pytest.approx(1e-2)
+    # Upstream's linear fall after the warm-up: f_min + (1 - f_min) (L - n) / (L - W), held at f_min from L.
+    c = TrainConfig(lr=1e-3, warmup_steps=10, lr_f_min=0.1, lr_cycle_steps=110)
+    for n, f in ((5, 1e-6 + (1 - 1e-6) * 0.5), (10, 1.0), (60, 0.1 + 0.9 * 0.5), (110, 0.1), (500, 0.1)):
+        assert float(optim.lr_at(c, n)) == pytest.approx(1e-3 * f, rel=1e-6), n
+    assert float(optim.lr_at(TrainConfig(lr=1.0, warmup_steps=0, lr_f_min=0.0, lr_cycle_steps=4), 1)) == 0.75
 
 
 class TorchAdamW:
@@ -245,6 +250,8 @@ def test_train_config_stage_defaults_and_validation() -> None:
         dict(apply_prob=1.5),
         dict(sigma_max=2.0),
         dict(warmup_steps=-1),
+        dict(lr_f_min=1.5),
+        dict(warmup_steps=10, lr_cycle_steps=10),
     ):
         with pytest.raises(ConfigError, match="train config"):
             TrainConfig(**bad)

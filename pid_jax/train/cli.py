@@ -61,6 +61,22 @@ def register(sub) -> None:
     g.add_argument("--warmup", type=int, help="linear warm-up steps, then constant (2000)")
     g.add_argument("--aux-weight", type=float, help="aux RGB loss weight (teacher with the head: 0.8, else 0)")
     g.add_argument("--clip-norm", type=float, help="global gradient-norm clip (0.1)")
+    g.add_argument(
+        "--lr-f-min",
+        type=float,
+        help="after the warm-up, the rate falls linearly to lr * F at --lr-cycle-steps (upstream LambdaLinear f_min; "
+        "default 1: constant)",
+    )
+    g.add_argument("--lr-cycle-steps", type=int, help="the step where the linear fall reaches --lr-f-min")
+    g.add_argument("--ema-sigma-rel", type=float, help="power-EMA width relative to the run's length (0.1)")
+    g = s.add_argument_group("noise and conditioning draws (defaults: upstream's teacher)")
+    g.add_argument("--shift", type=float, help="fixed timestep shift (default: dynamic, 6 * sqrt(sqrt(HW) / 2048))")
+    g.add_argument("--t-mean", type=float, help="mean of the logit-normal timestep draw (0)")
+    g.add_argument("--t-std", type=float, help="std of the logit-normal timestep draw (1)")
+    g.add_argument("--apply-prob", type=float, help="probability that the LQ latent is noised (0.75)")
+    g.add_argument("--sigma-max", type=float, help="largest LQ-latent noise level, drawn uniformly from 0 (0.8)")
+    g.add_argument("--lq-drop-prob", type=float, help="probability that the whole LQ latent is dropped (0.1)")
+    g.add_argument("--caption-drop-prob", type=float, help="probability that a caption becomes the null one (0.1)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (weights f32)")
     g.add_argument("--remat", action="store_true", help="rematerialise the blocks (less memory, ~1/3 more compute)")
     g = s.add_argument_group("devices and processes")
@@ -115,6 +131,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         "clip_norm": args.clip_norm,
         "dtype": args.dtype,
         "remat": args.remat or None,
+        "lr_f_min": args.lr_f_min,
+        "lr_cycle_steps": args.lr_cycle_steps,
+        "ema_sigma_rel": args.ema_sigma_rel,
+        "shift": args.shift,
+        "t_mean": args.t_mean,
+        "t_std": args.t_std,
+        "apply_prob": args.apply_prob,
+        "sigma_max": args.sigma_max,
+        "lq_drop_prob": args.lq_drop_prob,
+        "caption_drop_prob": args.caption_drop_prob,
     }
     opts = RunOptions(
         config=args.config,

@@ -38,6 +38,10 @@ class TrainConfig:
     # LambdaLinear warm-up: lr * (warmup_start + (1 - warmup_start) * n / warmup_steps), then constant.
     warmup_steps: int = 2000
     warmup_start: float = 1e-6
+    # After the warm-up, upstream's LambdaLinear falls linearly from f_max = 1 to `lr_f_min` at step
+    # `lr_cycle_steps` (None: upstream's recipes, f_min = f_max, a constant rate); held at f_min after it.
+    lr_f_min: float = 1.0
+    lr_cycle_steps: int | None = None
     clip_norm: float = 0.1
     aux_weight: float | None = None  # None: 0.8 for the teacher when the net has the aux RGB head, else 0
     ema_sigma_rel: float = 0.1
@@ -76,6 +80,10 @@ class TrainConfig:
             raise bad(f"betas ({self.b1}, {self.b2}) must lie in [0, 1)")
         if self.warmup_steps < 0:
             raise bad(f"warmup_steps={self.warmup_steps} (expected >= 0)")
+        if not 0 <= self.lr_f_min <= 1:
+            raise bad(f"lr_f_min={self.lr_f_min} (expected a factor in [0, 1])")
+        if self.lr_cycle_steps is not None and self.lr_cycle_steps <= self.warmup_steps:
+            raise bad(f"lr_cycle_steps={self.lr_cycle_steps} must exceed warmup_steps={self.warmup_steps}")
         for name in ("apply_prob", "lq_drop_prob", "caption_drop_prob"):
             v = getattr(self, name)
             if not 0 <= v <= 1:

@@ -18,12 +18,17 @@ from pid_jax.train.config import TrainConfig
 
 
 def lr_at(tcfg: TrainConfig, step: jax.Array | int) -> jax.Array:
-    """lr * f(n), f(n) = f0 + (1 - f0) n / W for n < W, then 1 (upstream LambdaLinearScheduler, f_max = f_min = 1)."""
+    """lr * f(n), upstream's LambdaLinearScheduler with f_max = 1: f0 + (1 - f0) n / W for n < W; then
+    f_min + (1 - f_min) (L - n) / (L - W) over the cycle of L steps (1 without one), f_min from L on."""
     n = jnp.asarray(step, jnp.float32)
+    after = jnp.asarray(1.0, jnp.float32)
+    if tcfg.lr_cycle_steps is not None:
+        cyc, w, f_min = float(tcfg.lr_cycle_steps), float(tcfg.warmup_steps), tcfg.lr_f_min
+        after = jnp.maximum(f_min + (1.0 - f_min) * (cyc - n) / (cyc - w), f_min)
     if tcfg.warmup_steps <= 0:
-        return jnp.asarray(tcfg.lr, jnp.float32)
+        return (tcfg.lr * after).astype(jnp.float32)
     f = tcfg.warmup_start + (1.0 - tcfg.warmup_start) * n / tcfg.warmup_steps
-    return (tcfg.lr * jnp.where(n < tcfg.warmup_steps, f, 1.0)).astype(jnp.float32)
+    return (tcfg.lr * jnp.where(n < tcfg.warmup_steps, f, after)).astype(jnp.float32)
 
 
 def optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:

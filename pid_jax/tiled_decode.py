@@ -1,0 +1,81 @@
+"""Decoding in overlapping tiles, for networks trained at one image size.
+
+The pixel stream's sin-cos table counts absolute pixels and the patch RoPE spreads its positions over
+[0, 16] whatever the grid, so a network trained only on small crops (the demo model: 96x96) sees unknown
+positions on a larger image and falls apart there. A preset that names a tile (`sampler.tile`) is decoded
+as what it was trained on: latent tiles of the trained size, decoded together as one batch (one program),
+then blended with a window that ramps over the overlap and normalised by the summed weights.
+
+Pure and shape-static: the tile origins are Python integers from the static sizes, so this runs under
+`jit` like `decoder.decode`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pid_jax.errors import InputError
+
+
+def tile_origins(n: int, tile: int, overlap: int) -> list[int]:
+    """Start indices of tiles of `tile` covering [0, n) with at least `overlap` shared; the last ends at n."""
+    if not 0 <= overlap < tile:
+        raise InputError(f"tile overlap {overlap} must lie in [0, {tile})")
+    if n <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, n - tile, stride))
+    return [*starts, n - tile]
+
+
+def ramp(tile: int, overlap: int) -> np.ndarray:
+    """1-D blend weights: rising over `overlap` at each end, never zero (a lone tile keeps its pixels)."""
+    i = np.arange(tile, dtype=np.float64) + 0.5
+    if overlap == 0:
+        return np.ones(tile, np.float32)
+    return np.minimum(1.0, np.minimum(i, tile - i) / overlap).astype(np.float32)
+
+
+def plan(h: int, w: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """Tile origins (row, col) in latent pixels, row-major."""
+    return [(r, c) for r in tile_origins(h, tile, overlap) for c in tile_origins(w, tile, overlap)]
+
+
+def split(latents: jax.Array, origins: Sequence[tuple[int, int]], tile_h: int, tile_w: int) -> jax.Array:
+    """[B, C, h, w] -> [B * T, C, tile_h, tile_w], tile-major within each batch element."""
+    tiles = [latents[:, :, r : r + tile_h, c : c + tile_w] for r, c in origins]
+    b = latents.shape[0]
+    return jnp.stack(tiles, axis=1).reshape(b * len(origins), latents.shape[1], tile_h, tile_w)
+
+
+def blend(
+    images: jax.Array, origins: Sequence[tuple[int, int]], scale: int, height: int, width: int, overlap: int
+) -> jax.Array:
+    """[B * T, 3, th, tw] decoded tiles -> [B, 3, height, width], weighted mean where tiles overlap."""
+    bt, c, th, tw = images.shape
+    t = len(origins)
+    b = bt // t
+    wy = jnp.asarray(ramp(th, overlap * scale) if th < height else np.ones(th, np.float32))
+    wx = jnp.asarray(ramp(tw, overlap * scale) if tw < width else np.ones(tw, np.float32))
+    win = wy[:, None] * wx[None, :]
+    images = images.astype(jnp.float32).reshape(b, t, c, th, tw)
+    acc = jnp.zeros((b, c, height, width), jnp.float32)
+    norm = jnp.zeros((height, width), jnp.float32)
+    for k, (r, col) in enumerate(origins):
+        y0, x0 = r * scale, col * scale
+        acc = acc.at[:, :, y0 : y0 + th, x0 : x0 + tw].add(images[:, k] * win)
+        norm = norm.at[y0 : y0 + th, x0 : x0 + tw].add(win)
+    return acc / norm
+
+
+def check_tiling(tile: int, overlap: int, scale: int, patch: int) -> tuple[int, int]:
+    """The tile and overlap in latent pixels, refusing sizes the network cannot decode."""
+    if tile <= 0 or tile % patch or tile % scale:
+        raise InputError(f"sampler tile {tile} must be a positive multiple of the patch size {patch} and scale {scale}")
+    if overlap < 0 or overlap % scale or overlap >= tile:
+        raise InputError(f"sampler tile_overlap {overlap} must be a multiple of {scale} in [0, {tile})")
+    return tile // scale, overlap // scale

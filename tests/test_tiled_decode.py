@@ -1,0 +1,86 @@
+"""Tiled decoding for networks trained at one size (the demo model): tiling, blending, the decoder's use of it."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pid_jax import tiled_decode as td
+from pid_jax.config import Preset, load_preset
+from pid_jax.decoder import PiDDecoder, decode
+from pid_jax.errors import ConfigError, InputError
+from pid_jax.modeling import init_pidnet
+
+
+@pytest.mark.parametrize("n,tile,overlap", [(24, 24, 8), (40, 24, 8), (64, 24, 8), (25, 24, 0), (100, 7, 3)])
+def test_origins_cover_with_the_overlap(n: int, tile: int, overlap: int) -> None:
+    o = td.tile_origins(n, tile, overlap)
+    assert o[0] == 0 and o[-1] + tile == n and o == sorted(set(o))
+    covered = np.zeros(n, int)
+    for s in o:
+        covered[s : s + tile] += 1
+    assert covered.min() >= 1
+    assert all(b - a <= tile - overlap for a, b in zip(o, o[1:], strict=False))  # neighbours share >= overlap
+
+
+def test_split_then_blend_is_exact() -> None:
+    """Tiles cut from one image and blended back give that image (weights are normalised, never zero)."""
+    x = jax.random.normal(jax.random.key(0), (2, 3, 40, 56))
+    for tile, ov in ((16, 8), (24, 4), (16, 0)):
+        origins = td.plan(40, 56, tile, ov)
+        back = td.blend(td.split(x, origins, tile, tile), origins, 1, 40, 56, ov)
+        np.testing.assert_allclose(np.asarray(back), np.asarray(x), rtol=0, atol=1e-6)
+    assert td.ramp(8, 4).min() > 0 and td.ramp(16, 4).max() == 1.0
+
+
+def test_bad_tilings_are_refused() -> None:
+    with pytest.raises(InputError, match="overlap"):
+        td.tile_origins(10, 4, 4)
+    with pytest.raises(InputError, match="multiple of the patch size"):
+        td.check_tiling(20, 0, 4, 8)
+    d = load_preset("pixel_sr4x").to_dict()
+    for bad in ({"tile": 100}, {"tile": 96, "tile_overlap": 30}, {"tile": 96, "tile_overlap": 96}):
+        d2 = {**d, "sampler": {**d["sampler"], **bad}}
+        with pytest.raises(ConfigError, match="sampler.tile"):
+            Preset.from_dict(d2, "test")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    p = load_preset("pixel_sr4x")
+    net = dataclasses.replace(p.network, hidden_size=32, patch_depth=1, pixel_depth=1, lq_hidden_dim=16)
+    sampler = dataclasses.replace(p.sampler, tile=32, tile_overlap=16)
+    return dataclasses.replace(p, network=net, sampler=sampler), init_pidnet(net, seed=1)
+
+
+def test_decoder_tiles_larger_images_and_not_smaller_ones(tiny) -> None:
+    preset, model = tiny
+    dec = PiDDecoder(preset, model)
+    y = np.zeros((1, preset.network.txt_max_length, preset.network.txt_embed_dim), np.float32)
+    z_small = np.random.default_rng(0).uniform(-1, 1, (1, 3, 8, 8)).astype(np.float32)
+    z_big = np.random.default_rng(1).uniform(-1, 1, (1, 3, 16, 24)).astype(np.float32)
+    # At the tile size the decode is the plain one.
+    kw = dict(height=32, width=32, steps=1, mode="ode", t_list=preset.sampler.t_list)
+    # The references compile as the decoder's programs do (parameters as arguments), so the bits compare.
+    graphdef, params = nnx.split(model)
+    ref = functools.partial(jax.jit(lambda p, z, y, s, k: decode(nnx.merge(graphdef, p), z, y, s, k, **kw)), params)
+    plain = ref(jnp.asarray(z_small), jnp.asarray(y), jnp.zeros(1), jax.random.key(0))
+    got = dec.decode_array(z_small, y, steps=1, mode="ode", seed=0)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(plain), atol=1e-6)
+    # Larger: 2x3 tiles of 8x8 latent pixels (overlap 4), each decoded as the network's own 32x32 image.
+    big = dec.decode_array(z_big, y, steps=1, mode="ode", seed=0)
+    assert big.shape == (1, 3, 64, 96) and np.isfinite(np.asarray(big)).all()
+    origins = td.plan(16, 24, 8, 4)
+    assert len(origins) == 3 * 5
+    tiles = ref(
+        td.split(jnp.asarray(z_big), origins, 8, 8), jnp.repeat(jnp.asarray(y), 15, 0), jnp.zeros(15), jax.random.key(0)
+    )
+    # Where only one tile covers a pixel (the top-left corner), the output is that tile's pixels.
+    np.testing.assert_allclose(np.asarray(big)[0, :, :8, :8], np.asarray(tiles)[0, :, :8, :8], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(big), np.asarray(td.blend(tiles, origins, 4, 64, 96, 4)), atol=1e-6)
