@@ -129,7 +129,7 @@ def test_verb_table_commands_parse() -> None:
 def test_test_command_is_what_ci_runs() -> None:
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     test_cmds = [c.split("&&")[-1].strip() for c in BASH if "pytest" in c]
-    assert test_cmds == ["python3 -m pytest -q tests"]
+    assert test_cmds == ["python3 -m pytest -q -n auto --dist loadfile tests"]
     assert ci[-1].split("&&")[-1].strip() == test_cmds[0]
     assert "export PID_JAX_FIXTURES=" in "\n".join(ci)
 
