@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pid_jax.errors import ConfigError
+from pid_jax.errors import ConfigError, InputError
 
 GATE_TYPES = ("sigma_aware_per_token", "sigma_aware_per_token_per_dim")
 PADDING_MODES = ("zeros", "replicate", "reflect")
@@ -250,11 +250,12 @@ class Preset:
                 f"{source}: latent.channels={latent.channels} != network lq_latent_channels={net.lq_latent_channels}"
             )
         if sampler.tile is not None:
-            t, o, sc, ps = sampler.tile, sampler.tile_overlap, net.pixel_scale, net.patch_size
-            if not (isinstance(t, int) and t > 0 and t % ps == 0 and t % sc == 0):
-                raise ConfigError(f"{source}: sampler.tile={t!r} must be a positive multiple of {ps} and {sc}")
-            if not (isinstance(o, int) and 0 <= o < t and o % sc == 0):
-                raise ConfigError(f"{source}: sampler.tile_overlap={o!r} must be a multiple of {sc} in [0, {t})")
+            from pid_jax.tiled_decode import check_tiling
+
+            try:
+                check_tiling(sampler.tile, sampler.tile_overlap, net.pixel_scale, net.patch_size)
+            except InputError as e:
+                raise ConfigError(f"{source}: {e}") from None
         if latent.noising not in ("flow", "vp"):
             raise ConfigError(f"{source}: latent.noising={latent.noising!r} (expected 'flow' or 'vp')")
         return cls(

@@ -74,8 +74,10 @@ def blend(
 
 def check_tiling(tile: int, overlap: int, scale: int, patch: int) -> tuple[int, int]:
     """The tile and overlap in latent pixels, refusing sizes the network cannot decode."""
-    if tile <= 0 or tile % patch or tile % scale:
-        raise InputError(f"sampler tile {tile} must be a positive multiple of the patch size {patch} and scale {scale}")
-    if overlap < 0 or overlap % scale or overlap >= tile:
-        raise InputError(f"sampler tile_overlap {overlap} must be a multiple of {scale} in [0, {tile})")
+    if not (isinstance(tile, int) and tile > 0 and tile % patch == 0 and tile % scale == 0):
+        raise InputError(
+            f"sampler.tile={tile!r} must be a positive multiple of the patch size {patch} and scale {scale}"
+        )
+    if not (isinstance(overlap, int) and 0 <= overlap < tile and overlap % scale == 0):
+        raise InputError(f"sampler.tile_overlap={overlap!r} must be a multiple of {scale} in [0, {tile})")
     return tile // scale, overlap // scale

@@ -212,7 +212,7 @@ def evaluate_and_record(run: Path, args: dict, step: int) -> dict:
             "bytes": WEIGHTS.stat().st_size,
             "sha256": hashlib.sha256(WEIGHTS.read_bytes()).hexdigest(),
             "dtype": "bfloat16",
-            "source": f"EMA (power, sigma_rel 0.1) of step {step}",
+            "source": f"EMA (power, sigma_rel {args['ema_sigma_rel']}) of step {step}",
         },
         "parameters": n_params,
         "trained_by": f"pid-jax {__version__}",
