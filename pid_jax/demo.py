@@ -1,6 +1,6 @@
 """`pid-jax demo`: offline, the shipped small PiD super-resolves held-out photographs 4x.
 
-The model (pid_jax/assets/pixel_sr4x.safetensors) is a 1.8M-parameter pixel-space PiD that pid-jax trained
+The model (pid_jax/assets/pixel_sr4x.safetensors) is a 1.5M-parameter pixel-space PiD that pid-jax trained
 itself (scripts/train_demo.py) on a handful of scikit-image photographs: not NVIDIA's released weights. For
 each held-out image the demo writes one PNG with the low-resolution input, bicubic, PiD and the original side
 by side, and prints the quality table (the `pid-jax eval` protocol) and timings.
@@ -101,7 +101,7 @@ def run_demo(
     per_image = pid_row.decode_s / max(len(samples), 1)
     timing = {
         "load weights": load_s,
-        "evaluate (incl. one compile per image size)": eval_s,
+        "evaluate (incl. compiling the tile program)": eval_s,
         "decode per image, steady state": per_image,
     }
     for k, v in timing.items():

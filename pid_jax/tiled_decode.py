@@ -3,11 +3,11 @@
 The pixel stream's sin-cos table counts absolute pixels and the patch RoPE spreads its positions over
 [0, 16] whatever the grid, so a network trained only on small crops (the demo model: 96x96) sees unknown
 positions on a larger image and falls apart there. A preset that names a tile (`sampler.tile`) is decoded
-as what it was trained on: latent tiles of the trained size, decoded together as one batch (one program),
-then blended with a window that ramps over the overlap and normalised by the summed weights.
+as what it was trained on: latent tiles of the trained size, each with its own noise, then blended with a
+window that ramps over the overlap and normalised by the summed weights.
 
-Pure and shape-static: the tile origins are Python integers from the static sizes, so this runs under
-`jit` like `decoder.decode`.
+Pure and shape-static: the tile origins are Python integers from the static sizes, so `split` and `blend`
+run under `jit` (`decoder.decode`) as well as on host arrays (the decoder's chunked path).
 """
 
 from __future__ import annotations
@@ -45,30 +45,42 @@ def plan(h: int, w: int, tile: int, overlap: int) -> list[tuple[int, int]]:
     return [(r, c) for r in tile_origins(h, tile, overlap) for c in tile_origins(w, tile, overlap)]
 
 
+def _xp(a):
+    """numpy for host arrays (the decoder's chunked path), jax.numpy otherwise (under jit)."""
+    return np if isinstance(a, np.ndarray) else jnp
+
+
 def split(latents: jax.Array, origins: Sequence[tuple[int, int]], tile_h: int, tile_w: int) -> jax.Array:
     """[B, C, h, w] -> [B * T, C, tile_h, tile_w], tile-major within each batch element."""
+    xp = _xp(latents)
     tiles = [latents[:, :, r : r + tile_h, c : c + tile_w] for r, c in origins]
     b = latents.shape[0]
-    return jnp.stack(tiles, axis=1).reshape(b * len(origins), latents.shape[1], tile_h, tile_w)
+    return xp.stack(tiles, axis=1).reshape(b * len(origins), latents.shape[1], tile_h, tile_w)
 
 
 def blend(
     images: jax.Array, origins: Sequence[tuple[int, int]], scale: int, height: int, width: int, overlap: int
 ) -> jax.Array:
     """[B * T, 3, th, tw] decoded tiles -> [B, 3, height, width], weighted mean where tiles overlap."""
+    xp = _xp(images)
     bt, c, th, tw = images.shape
     t = len(origins)
     b = bt // t
-    wy = jnp.asarray(ramp(th, overlap * scale) if th < height else np.ones(th, np.float32))
-    wx = jnp.asarray(ramp(tw, overlap * scale) if tw < width else np.ones(tw, np.float32))
-    win = wy[:, None] * wx[None, :]
-    images = images.astype(jnp.float32).reshape(b, t, c, th, tw)
-    acc = jnp.zeros((b, c, height, width), jnp.float32)
-    norm = jnp.zeros((height, width), jnp.float32)
+    wy = ramp(th, overlap * scale) if th < height else np.ones(th, np.float32)
+    wx = ramp(tw, overlap * scale) if tw < width else np.ones(tw, np.float32)
+    win = xp.asarray(wy[:, None] * wx[None, :])
+    images = images.astype(np.float32).reshape(b, t, c, th, tw)
+    acc = xp.zeros((b, c, height, width), np.float32)
+    norm = xp.zeros((height, width), np.float32)
     for k, (r, col) in enumerate(origins):
         y0, x0 = r * scale, col * scale
-        acc = acc.at[:, :, y0 : y0 + th, x0 : x0 + tw].add(images[:, k] * win)
-        norm = norm.at[y0 : y0 + th, x0 : x0 + tw].add(win)
+        win_at = (slice(y0, y0 + th), slice(x0, x0 + tw))
+        if xp is np:
+            acc[(slice(None), slice(None), *win_at)] += images[:, k] * win
+            norm[win_at] += win
+        else:
+            acc = acc.at[:, :, y0 : y0 + th, x0 : x0 + tw].add(images[:, k] * win)
+            norm = norm.at[win_at].add(win)
     return acc / norm
 
 

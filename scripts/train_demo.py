@@ -12,7 +12,8 @@ Steps (each can be run alone with --only):
           identity latent encoder) with the settings in TRAIN_ARGS
   export  the EMA weights -> pid_jax/assets/pixel_sr4x.safetensors (`net.*` keys, bfloat16, as released files)
   eval    `pid-jax eval` on the held-out images (pid_jax/assets/images) -> pid_jax/assets/pixel_sr4x.record.json
-  images  the held-out images' copies in the package (centre crops, the evaluated area), docs/ figure
+  images  the held-out images' copies in the package (centre crops, the evaluated area); the docs/ figure
+          is `pid-jax demo`'s astronaut.png
 The held-out images (EVAL) never enter training; the motorcycle stereo pair stays on one side (training).
 """
 
@@ -62,13 +63,13 @@ SEED = 0
 #   one-step decode reads the network;
 # - 96x96 crops: the preset decodes larger images as 96x96 tiles (sampler.tile), the size it was trained at.
 TRAIN_ARGS = {
-    "steps": 6500,
+    "steps": 8500,
     "batch": 4,
     "size": "96x96",
     "lr": 2e-3,
     "warmup": 100,
     "lr_f_min": 0.02,
-    "lr_cycle_steps": 6500,
+    "lr_cycle_steps": 8500,
     "weight_decay": 0.0,
     "ema_sigma_rel": 0.05,
     "shift": 3.0,

@@ -13,7 +13,7 @@ from flax import nnx
 
 from pid_jax import tiled_decode as td
 from pid_jax.config import Preset, load_preset
-from pid_jax.decoder import PiDDecoder, decode
+from pid_jax.decoder import PiDDecoder, decode, tile_keys
 from pid_jax.errors import ConfigError, InputError
 from pid_jax.modeling import init_pidnet
 
@@ -61,7 +61,7 @@ def tiny():
 
 def test_decoder_tiles_larger_images_and_not_smaller_ones(tiny) -> None:
     preset, model = tiny
-    dec = PiDDecoder(preset, model)
+    dec = PiDDecoder(preset, model, tile_batch=4)
     y = np.zeros((1, preset.network.txt_max_length, preset.network.txt_embed_dim), np.float32)
     z_small = np.random.default_rng(0).uniform(-1, 1, (1, 3, 8, 8)).astype(np.float32)
     z_big = np.random.default_rng(1).uniform(-1, 1, (1, 3, 16, 24)).astype(np.float32)
@@ -73,14 +73,42 @@ def test_decoder_tiles_larger_images_and_not_smaller_ones(tiny) -> None:
     plain = ref(jnp.asarray(z_small), jnp.asarray(y), jnp.zeros(1), jax.random.key(0))
     got = dec.decode_array(z_small, y, steps=1, mode="ode", seed=0)
     np.testing.assert_allclose(np.asarray(got), np.asarray(plain), atol=1e-6)
-    # Larger: 2x3 tiles of 8x8 latent pixels (overlap 4), each decoded as the network's own 32x32 image.
+    # Larger: 3x5 tiles of 8x8 latent pixels (overlap 4), each decoded as the network's own 32x32 image with
+    # its own key; the decoder runs them as 4 chunks of 4 (the last padded).
     big = dec.decode_array(z_big, y, steps=1, mode="ode", seed=0)
     assert big.shape == (1, 3, 64, 96) and np.isfinite(np.asarray(big)).all()
     origins = td.plan(16, 24, 8, 4)
     assert len(origins) == 3 * 5
-    tiles = ref(
-        td.split(jnp.asarray(z_big), origins, 8, 8), jnp.repeat(jnp.asarray(y), 15, 0), jnp.zeros(15), jax.random.key(0)
+    zt = td.split(jnp.asarray(z_big), origins, 8, 8)
+    keys = tile_keys(jax.random.key(0), jnp.arange(15))
+    tiles = np.stack([np.asarray(ref(zt[i : i + 1], jnp.asarray(y), jnp.zeros(1), keys[i]))[0] for i in range(15)])
+    # Where only one tile covers a pixel (the top-left corner), the output is that tile's pixels. (Batch 4
+    # against batch 1 reorders float32 sums inside XLA's kernels: agreement to ~1e-6, not to the bit.)
+    np.testing.assert_allclose(np.asarray(big)[0, :, :8, :8], tiles[0, :, :8, :8], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(big), np.asarray(td.blend(tiles, origins, 4, 64, 96, 4)), atol=1e-5)
+    # The pure, one-batch `decode` (what runs under jit or a mesh) gives the same image.
+    kw_tiled = {**kw, "height": 64, "width": 96, "tile": 32, "tile_overlap": 16}
+    whole = jax.jit(lambda p, z, y, s, k: decode(nnx.merge(graphdef, p), z, y, s, k, **kw_tiled))(
+        params, jnp.asarray(z_big), jnp.asarray(y), jnp.zeros(1), jax.random.key(0)
     )
-    # Where only one tile covers a pixel (the top-left corner), the output is that tile's pixels.
-    np.testing.assert_allclose(np.asarray(big)[0, :, :8, :8], np.asarray(tiles)[0, :, :8, :8], atol=1e-6)
-    np.testing.assert_allclose(np.asarray(big), np.asarray(td.blend(tiles, origins, 4, 64, 96, 4)), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(big), np.asarray(whole), atol=1e-5)
+
+
+def test_tiles_do_not_depend_on_their_batching(tiny) -> None:
+    """Per-tile keys: chunks of 4, of 16 and batch-1 decodes give the same tiles; one program serves every size."""
+    preset, model = tiny
+    y = np.zeros((2, preset.network.txt_max_length, preset.network.txt_embed_dim), np.float32)
+    z = np.random.default_rng(2).uniform(-1, 1, (2, 3, 12, 20)).astype(np.float32)
+    a = PiDDecoder(preset, model, tile_batch=4)
+    b = PiDDecoder(preset, model, tile_batch=16)
+    out_a = np.asarray(a.decode_array(z, y, steps=2, mode="sde", seed=3))
+    out_b = np.asarray(b.decode_array(z, y, steps=2, mode="sde", seed=3))
+    np.testing.assert_allclose(out_a, out_b, atol=1e-5)
+    # Batch element 1 is not element 0's decode: the tile keys run on across the batch.
+    solo = np.asarray(a.decode_array(z[1:], y[1:], steps=2, mode="sde", seed=3))
+    assert np.abs(solo - out_a[1:]).max() > 1e-2
+    # Another image size reuses the tile program.
+    a.decode_array(z[:, :, :8, :16], y, steps=2, mode="sde", seed=3)
+    assert sum(1 for k in a._compiled if k[0] == "tiles") == 1
+    with pytest.raises(InputError, match="tile_batch"):
+        PiDDecoder(preset, model, tile_batch=0)
