@@ -50,20 +50,16 @@ def decode(
     trained at a single size. `PiDDecoder` runs the same tiles in fixed-size chunks instead, so one program
     serves every image size; the result is the same (per-tile keys make it independent of the batching).
     """
-    if tile is not None and (height > tile or width > tile):
-        scale = height // latents.shape[2]
-        lt, lo = tiled_decode.check_tiling(tile, tile_overlap, scale, model.cfg.patch_size)
-        th, tw = min(lt, latents.shape[2]), min(lt, latents.shape[3])
-        origins = tiled_decode.plan(latents.shape[2], latents.shape[3], lt, lo)
-        n = len(origins)
-        z = tiled_decode.split(latents, origins, th, tw)
+    lay = tiled_decode.layout(latents.shape[2:], height, width, tile, tile_overlap, model.cfg.patch_size)
+    if lay is not None:
+        z = lay.split(latents)
+        n = len(lay.origins)
         y = jnp.repeat(caption_embeddings, n, axis=0)
         s = jnp.repeat(jnp.broadcast_to(sigma, (latents.shape[0],)), n, axis=0)
         keys = tile_keys(key, jnp.arange(z.shape[0]))
-        tiles = decode_tiles(
-            model, z, y, s, keys, height=th * scale, width=tw * scale, steps=steps, mode=mode, t_list=t_list
-        )
-        return tiled_decode.blend(tiles, origins, scale, height, width, lo)
+        th, tw = lay.tile_h * lay.scale, lay.tile_w * lay.scale
+        tiles = decode_tiles(model, z, y, s, keys, height=th, width=tw, steps=steps, mode=mode, t_list=t_list)
+        return lay.blend(tiles, height, width)
     noise, draw = sampler.random_draws(key, (latents.shape[0], model.cfg.in_channels, height, width))
     return _sample(model, latents, caption_embeddings, sigma, noise, draw, height, width, steps, mode, t_list)
 
@@ -362,8 +358,9 @@ class PiDDecoder:
         z, y, s, (h, w) = self.prepare(latents, caption_embeddings, sigma, steps, mode, output_size)
         key = jax.random.key(seed)
         sp = self.preset.sampler
-        if self.mesh is None and sp.tile is not None and (h > sp.tile or w > sp.tile):
-            return self._decode_tiled(z, y, s, key, h, w, steps, mode)
+        lay = tiled_decode.layout(z.shape[2:], h, w, sp.tile, sp.tile_overlap, self.cfg.patch_size)
+        if lay is not None and self.mesh is None:
+            return self._decode_tiled(lay, z, y, s, key, h, w, steps, mode)
         mesh_ctx = contextlib.nullcontext()
         if self.mesh is not None:
             from pid_jax import sharding
@@ -389,24 +386,21 @@ class PiDDecoder:
         self.timings["decode_s"] = time.perf_counter() - t0
         return out
 
-    def _decode_tiled(self, z, y, s, key, h: int, w: int, steps: int, mode: str) -> jax.Array:
+    def _decode_tiled(self, lay, z, y, s, key, h: int, w: int, steps: int, mode: str) -> jax.Array:
         """`decode`'s tiled path, run as fixed chunks of `tile_batch` tiles: one compiled program for the tile
         shape, whatever the image size, and memory bounded by the chunk, not by the number of tiles."""
-        sp, ps = self.preset.sampler, self.cfg.patch_size
-        scale = h // z.shape[2]
-        lt, lo = tiled_decode.check_tiling(sp.tile, sp.tile_overlap, scale, ps)
-        th, tw = min(lt, z.shape[2]), min(lt, z.shape[3])
-        origins = tiled_decode.plan(z.shape[2], z.shape[3], lt, lo)
-        n, tb = len(origins), self.tile_batch
-        zt = tiled_decode.split(np.asarray(z), origins, th, tw)
+        n, tb, ps = len(lay.origins), self.tile_batch, self.cfg.patch_size
+        zt = lay.split(np.asarray(z))
         yt, st = np.repeat(np.asarray(y), n, axis=0), np.repeat(np.asarray(s), n, axis=0)
         total = zt.shape[0]
+        # Chunk i holds tiles i*tb ...; the last chunk is padded with repeats of the last tile (outputs dropped).
+        chunks = [np.minimum(np.arange(a, a + tb), total - 1).astype(np.int32) for a in range(0, total, tb)]
         shape_key = ("tiles", tb, zt.shape[1:], yt.shape[1:], steps, mode)
         if shape_key not in self._compiled:
-            hh, ww = th * scale, tw * scale
+            hh, ww = lay.tile_h * lay.scale, lay.tile_w * lay.scale
             chunk = pixel_chunk_for(tb * (hh // ps) * (ww // ps), self.pixel_chunk)
             graphdef = with_pixel_chunk(self.graphdef, self.params, chunk) if chunk else self.graphdef
-            kw = dict(height=hh, width=ww, steps=steps, mode=mode, t_list=sp.t_list)
+            kw = dict(height=hh, width=ww, steps=steps, mode=mode, t_list=self.preset.sampler.t_list)
 
             def run(params, z, y, s, key, index):
                 return decode_tiles(nnx.merge(graphdef, params), z, y, s, tile_keys(key, index), **kw)
@@ -414,22 +408,17 @@ class PiDDecoder:
             dt = jnp.dtype(self.dtype).name
             self.progress(f"compiling the {steps}-step decoder for tiles of {tb}x{hh}x{ww} ({dt})")
             t0 = time.perf_counter()
-            args = (zt[:tb], yt[:tb], st[:tb], np.arange(tb, dtype=np.int32))
-            args = tuple(np.resize(a, (tb, *a.shape[1:])) for a in args)  # shapes only: a spec for lowering
-            lowered = jax.jit(run).lower(self.params, *args[:3], key, args[3])
+            i = chunks[0]
+            lowered = jax.jit(run).lower(self.params, zt[i], yt[i], st[i], key, i)
             t1 = time.perf_counter()
             self._compiled[shape_key] = lowered.compile()
             self.timings["compile_s"] = time.perf_counter() - t0
             self.timings["trace_s"] = t1 - t0
         fn = self._compiled[shape_key]
         t0 = time.perf_counter()
-        outs = []
-        for a in range(0, total, tb):
-            # The last chunk is padded with repeats of the last tile; their outputs are dropped.
-            idx = np.minimum(np.arange(a, a + tb), total - 1).astype(np.int32)
-            outs.append(fn(self.params, zt[idx], yt[idx], st[idx], key, idx))
+        outs = [fn(self.params, zt[i], yt[i], st[i], key, i) for i in chunks]
         tiles = np.concatenate([np.asarray(o) for o in outs])[:total]
-        out = tiled_decode.blend(tiles, origins, scale, h, w, lo)
+        out = lay.blend(tiles, h, w)
         self.timings["decode_s"] = time.perf_counter() - t0
         return jnp.asarray(out)
 

@@ -12,6 +12,7 @@ run under `jit` (`decoder.decode`) as well as on host arrays (the decoder's chun
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -43,6 +44,36 @@ def ramp(tile: int, overlap: int) -> np.ndarray:
 def plan(h: int, w: int, tile: int, overlap: int) -> list[tuple[int, int]]:
     """Tile origins (row, col) in latent pixels, row-major."""
     return [(r, c) for r in tile_origins(h, tile, overlap) for c in tile_origins(w, tile, overlap)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one image is tiled: `scale` output pixels per latent pixel, latent tile size and overlap, origins."""
+
+    scale: int
+    tile_h: int
+    tile_w: int
+    overlap: int
+    origins: tuple[tuple[int, int], ...]
+
+    def split(self, latents):
+        return split(latents, self.origins, self.tile_h, self.tile_w)
+
+    def blend(self, images, height: int, width: int):
+        return blend(images, self.origins, self.scale, height, width, self.overlap)
+
+
+def layout(
+    latent_hw: tuple[int, int], height: int, width: int, tile: int | None, overlap: int, patch: int
+) -> Layout | None:
+    """The tiling of an image of height x width decoded from a latent of `latent_hw`; None when it fits one
+    tile (or the preset names none): then it is decoded whole."""
+    if tile is None or (height <= tile and width <= tile):
+        return None
+    scale = height // latent_hw[0]
+    lt, lo = check_tiling(tile, overlap, scale, patch)
+    th, tw = min(lt, latent_hw[0]), min(lt, latent_hw[1])
+    return Layout(scale, th, tw, lo, tuple(plan(latent_hw[0], latent_hw[1], lt, lo)))
 
 
 def _xp(a):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 
@@ -150,18 +151,8 @@ def test_ode_mode_runs(dec: PiDDecoder, inputs) -> None:
     assert not np.array_equal(ode, np.asarray(sde))
 
 
-_JITTED: dict = {}
-
-
+@functools.cache  # one jitted `decode` per decoder and step count, shared by the tests (a new closure recompiles)
 def _jit_decode(dec: PiDDecoder, steps: int = 4):
-    """One jitted `decode` per decoder and step count, shared by the tests (each new closure recompiles)."""
-    key = (id(dec), steps)
-    if key not in _JITTED:
-        _JITTED[key] = (dec, _make_jit_decode(dec, steps))  # the decoder kept alive: its id stays unique
-    return _JITTED[key][1]
-
-
-def _make_jit_decode(dec: PiDDecoder, steps: int):
     graphdef = dec.graphdef
 
     def run(params, z, y, s, key):
