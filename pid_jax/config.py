@@ -2,14 +2,19 @@
 
 A preset JSON holds the upstream `PidNet(**kwargs)` arguments under `network` (upstream names, so a
 released experiment config can be pasted in), plus what the decoder needs around the network: the
-latent space, the sampler schedule and the Hub location. A plain JSON of upstream `PidNet` arguments
-(as in the parity fixtures) is accepted wherever a preset is.
+latent space, the sampler and its defaults (`SamplerSpec`) and the Hub location. A plain JSON of upstream
+`PidNet` arguments (as in the parity fixtures) is accepted wherever a preset is.
+
+A network config without any of PidNet's own (super-resolution) arguments is upstream's `PixDiT_T2I`, the
+text-to-image backbone PidNet derives from: the same network without the adapter (`lq_proj`,
+`pit_lq_gate`), with PixDiT_T2I's constructor defaults (`rope_mode="original"`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,6 +26,26 @@ GATE_TYPES = ("sigma_aware_per_token", "sigma_aware_per_token_per_dim")
 PADDING_MODES = ("zeros", "replicate", "reflect")
 ROPE_MODES = ("original", "ntk_aware")
 STUDENT_T_LIST = (0.999, 0.866, 0.634, 0.342, 0.0)
+SAMPLER_KINDS = ("student", "dpmpp")
+# PidNet's arguments beyond its base class PixDiT_T2I (upstream `pid_net.py`); a config naming none is a PixDiT_T2I.
+PIDNET_ONLY_ARGS = (
+    "lq_inject_mode",
+    "lq_in_channels",
+    "lq_latent_channels",
+    "lq_hidden_dim",
+    "lq_num_res_blocks",
+    "lq_latent_unpatchify_factor",
+    "lq_aux_rgb_head",
+    "lq_aux_rgb_head_latent_block_idx",
+    "lq_conv_padding_mode",
+    "lq_gate_type",
+    "lq_interval",
+    "zero_init_lq",
+    "train_lq_proj_only",
+    "sr_scale",
+    "latent_spatial_down_factor",
+    "pit_lq_inject",
+)
 
 
 @dataclass(frozen=True)
@@ -68,20 +93,40 @@ class PidNetConfig:
     sr_scale: int = 4
     latent_spatial_down_factor: int = 8
     pit_lq_inject: bool = False
+    # Not an upstream argument: True for upstream's PixDiT_T2I (the backbone alone), set by `pixdit_t2i`.
+    is_text_to_image: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         self._validate()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> PidNetConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
+        """Upstream `PidNet` arguments, or `PixDiT_T2I` ones (no PidNet-only argument: no adapter)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"is_text_to_image"}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"{source}: unknown PidNet argument(s) {unknown}")
+        if not set(d) & set(PIDNET_ONLY_ARGS):
+            return cls.pixdit_t2i(**d)
         return cls(**d)
 
+    @classmethod
+    def pixdit_t2i(cls, **kwargs: Any) -> PidNetConfig:
+        """Upstream `PixDiT_T2I(**kwargs)`: PidNet without the adapter, with PixDiT_T2I's defaults."""
+        bad = sorted(set(kwargs) & set(PIDNET_ONLY_ARGS))
+        if bad:
+            raise ConfigError(f"PixDiT_T2I config: {bad} are PidNet (adapter) arguments")
+        base = {"rope_mode": "original", "lq_in_channels": 0, "lq_latent_channels": 0}
+        return cls(**{**base, **kwargs, "is_text_to_image": True})
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The upstream constructor's arguments: PidNet's, or PixDiT_T2I's for a text-to-image network."""
+        d = dataclasses.asdict(self)
+        d.pop("is_text_to_image")
+        if self.is_text_to_image:
+            for k in PIDNET_ONLY_ARGS:
+                d.pop(k)
+        return d
 
     def _validate(self) -> None:
         def bad(msg: str) -> ConfigError:
@@ -96,7 +141,11 @@ class PidNetConfig:
             )
         if self.enable_ed:
             raise bad("enable_ed=True: the encoder-decoder path is used by no released checkpoint (expected False)")
-        if self.lq_latent_channels <= 0:
+        if self.is_text_to_image:  # PixDiT_T2I: none of the adapter's switches may be on
+            on = [k for k in ("lq_latent_channels", "pit_lq_inject", "lq_aux_rgb_head") if getattr(self, k)]
+            if on:
+                raise bad(f"a PixDiT_T2I (text to image, no adapter) has no {on}")
+        elif self.lq_latent_channels <= 0:
             raise bad(f"lq_latent_channels={self.lq_latent_channels} (expected > 0: PiD decodes latents)")
         if self.lq_gate_type not in GATE_TYPES:
             raise bad(f"lq_gate_type={self.lq_gate_type!r} (expected one of {GATE_TYPES})")
@@ -112,6 +161,8 @@ class PidNetConfig:
             raise bad("patch_depth and pixel_depth must be > 0")
         if self.lq_interval <= 0:
             raise bad(f"lq_interval={self.lq_interval} (expected >= 1)")
+        if self.is_text_to_image:
+            return
         f = self.lq_latent_unpatchify_factor
         if f < 1 or self.latent_spatial_down_factor % f or self.lq_latent_channels % (f * f):
             raise bad(
@@ -187,12 +238,52 @@ class LatentSpec:
 
 @dataclass(frozen=True)
 class SamplerSpec:
+    """How a preset's network is sampled, with the defaults every entry point uses.
+
+    kind "student": the distilled few-step sampler over `t_list` (`mode` sde/ode, optional tiling).
+    kind "dpmpp": upstream's multistep DPM-Solver++ (order 2, flow schedule) with classifier-free guidance,
+    the sampler of the undistilled teachers and of PixelDiT (`pid_jax.teacher_sampler`): `steps` model
+    evaluations, guidance `cfg_scale` against `negative_prompt` (encoded with the CHI prompt), and the flow
+    shift `shift`, or when it is None the dynamic shift `dynamic_shift_base * sqrt(sqrt(H W) /
+    dynamic_shift_size)` of the output image's H, W.
+    """
+
     t_list: tuple[float, ...] = STUDENT_T_LIST
     steps: int = 4
     mode: str = "sde"
     # Output pixels: decode larger images as overlapping tiles of this size (a network trained at one size).
     tile: int | None = None
     tile_overlap: int = 0
+    kind: str = "student"
+    cfg_scale: float = 1.0
+    shift: float | None = None
+    dynamic_shift_base: float = 6.0
+    dynamic_shift_size: int = 2048
+    negative_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in SAMPLER_KINDS:
+            raise ConfigError(f"sampler.kind={self.kind!r} (expected one of {SAMPLER_KINDS})")
+        if self.kind == "dpmpp":
+            if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+                raise ConfigError(f"sampler.steps={self.steps!r} (expected a positive number of DPM-Solver++ steps)")
+            if self.tile is not None:
+                raise ConfigError("sampler.tile: tiled decoding is only for the student sampler")
+            if not math.isfinite(self.cfg_scale):
+                raise ConfigError(f"sampler.cfg_scale={self.cfg_scale!r} (expected a finite number)")
+            if self.shift is not None and not (math.isfinite(self.shift) and self.shift > 0):
+                raise ConfigError(f"sampler.shift={self.shift!r} (expected a positive number, or null: dynamic)")
+            if not (self.dynamic_shift_base > 0 and self.dynamic_shift_size > 0):
+                raise ConfigError("sampler.dynamic_shift_base and dynamic_shift_size must be positive")
+
+    def shift_for(self, height: int, width: int, shift: float | None = None) -> float:
+        """The flow shift of a dpmpp run at an output of height x width: `shift` (an override), the preset's
+        fixed shift, else upstream's dynamic rule (Python double, as upstream)."""
+        if shift is not None:
+            return float(shift)
+        if self.shift is not None:
+            return float(self.shift)
+        return self.dynamic_shift_base * math.sqrt(math.sqrt(height * width) / self.dynamic_shift_size)
 
 
 @dataclass(frozen=True)
@@ -225,25 +316,20 @@ class Preset:
         if "network" not in d:
             # A plain JSON of upstream PidNet arguments: derive what the decoder needs.
             net = PidNetConfig.from_dict(d, source)
-            latent = LatentSpec(net.lq_latent_channels, net.latent_spatial_down_factor)
-            return cls(name=_name_from_source(source), network=net, latent=latent)
+            return cls(name=_name_from_source(source), network=net, latent=_default_latent(net))
         known = {"name", "network", "latent", "sampler", "hub", "variant", "backbones", "description"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown preset field(s) {unknown}")
         net = PidNetConfig.from_dict(d["network"], source)
         try:
-            latent = (
-                LatentSpec(**d["latent"])
-                if d.get("latent")
-                else LatentSpec(net.lq_latent_channels, net.latent_spatial_down_factor)
-            )
+            latent = LatentSpec(**d["latent"]) if d.get("latent") else _default_latent(net)
             s = dict(d.get("sampler") or {})
             if "t_list" in s:
                 s["t_list"] = tuple(float(v) for v in s["t_list"])
             sampler = SamplerSpec(**s)
             hub = HubSpec(**d["hub"]) if d.get("hub") else None
-        except TypeError as e:
+        except (TypeError, ConfigError) as e:
             raise ConfigError(f"{source}: {e}") from None
         if latent.channels != net.lq_latent_channels:
             raise ConfigError(
@@ -267,6 +353,12 @@ class Preset:
             variant=d.get("variant"),
             backbones=tuple(d.get("backbones", ())),
         )
+
+
+def _default_latent(net: PidNetConfig) -> LatentSpec:
+    if net.is_text_to_image:
+        return LatentSpec(0, 1, description="none: a text-to-image network")
+    return LatentSpec(net.lq_latent_channels, net.latent_spatial_down_factor)
 
 
 def _name_from_source(source: str) -> str:

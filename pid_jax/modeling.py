@@ -1,5 +1,8 @@
 """PidNet: the PixelDiT backbone plus the sigma-aware latent adapter, as one Flax NNX module.
 
+Without the adapter (`PidNetConfig.pixdit_t2i`) the same module is upstream's PixDiT_T2I, the text-to-image
+PixelDiT that every PiD teacher starts from.
+
 Attribute names mirror upstream (`lq_proj`, `patch_blocks`, `pixel_blocks`, `final_layer`, ...), so
 the released state dict maps onto `nnx.state(model)` by name. The adapter output depends on neither
 the noisy image nor t, so the sampler calls `lq_features` and `embed_text` once per decode and
@@ -54,7 +57,8 @@ class PidNet(nnx.Module):
             ]
         )
         self.final_layer = FinalLayer(cfg.pixel_hidden_size, c, rngs=rngs)
-        self.lq_proj = LQProjection2D(cfg, rngs=rngs, aux_head=aux_head)
+        # A PixDiT_T2I (text to image) is the same network without the adapter.
+        self.lq_proj = None if cfg.is_text_to_image else LQProjection2D(cfg, rngs=rngs, aux_head=aux_head)
         self.pit_lq_gate = build_gate(cfg, rngs) if cfg.pit_lq_inject else None
 
     @property
@@ -71,6 +75,8 @@ class PidNet(nnx.Module):
     def lq_features(self, lq_latent: jax.Array, height: int, width: int) -> list[jax.Array]:
         """Adapter features for an output of height x width: one per injection point (+ PiT head)."""
         ph, pw = self.grid(height, width)
+        if self.lq_proj is None:
+            raise InputError("this network is a PixDiT_T2I (text to image): it has no LQ latent adapter")
         return [constrain(f, "tokens") for f in self.lq_proj(lq_latent, ph, pw, self.dtype)]
 
     def embed_text(self, y: jax.Array) -> jax.Array:
@@ -85,17 +91,18 @@ class PidNet(nnx.Module):
         t: jax.Array,
         y_emb: jax.Array,
         lq_feats: list[jax.Array],
-        degrade_sigma: jax.Array,
+        degrade_sigma: jax.Array | None,
         acts: Acts | None = None,
     ) -> jax.Array:
         """Velocity [B, 3, H, W] for noisy image x [B, 3, H, W] at network time t [B] (= t * 1000),
-        given the embedded caption (`embed_text`) and the adapter features (`lq_features`)."""
+        given the embedded caption (`embed_text`) and the adapter features (`lq_features`; a PixDiT_T2I
+        takes `[]` and no sigma)."""
         cfg, dt = self.cfg, self.dtype
         b, c, h, w = x.shape
         ph, pw = self.grid(h, w)
         ps, hid = cfg.patch_size, cfg.hidden_size
         x = constrain(x.astype(jnp.float32), "image")  # matmuls cast to dt themselves (autocast order)
-        sigma = degrade_sigma.astype(jnp.float32)
+        sigma = None if degrade_sigma is None else degrade_sigma.astype(jnp.float32)
 
         # Patch tokens in unfold order: (channel, row, col) inside each patch.
         patches = x.reshape(b, c, ph, ps, pw, ps).transpose(0, 2, 4, 1, 3, 5).reshape(b, ph * pw, c * ps * ps)
@@ -112,7 +119,7 @@ class PidNet(nnx.Module):
         n_out = cfg.num_lq_outputs
         s = constrain(self.s_embedder(patches), "tokens")
         for i, blk in enumerate(self.patch_blocks):
-            if self.lq_proj.is_gate_active(i):
+            if self.lq_proj is not None and self.lq_proj.is_gate_active(i):
                 j = self.lq_proj.output_index(i)
                 s = self.lq_proj.gate_modules[j](s, lq_feats[j], sigma)
                 _put(acts, f"gate.{j}", s)
@@ -146,11 +153,14 @@ class PidNet(nnx.Module):
         x: jax.Array,
         t: jax.Array,
         y: jax.Array,
-        lq_latent: jax.Array,
-        degrade_sigma: jax.Array,
+        lq_latent: jax.Array | None = None,
+        degrade_sigma: jax.Array | None = None,
         acts: Acts | None = None,
     ) -> jax.Array:
-        """One forward, as upstream `PidNet.forward(x, t, y, lq_latent=..., degrade_sigma=...)`."""
+        """One forward, as upstream `PidNet.forward(x, t, y, lq_latent=..., degrade_sigma=...)`
+        (a PixDiT_T2I: `PixDiT_T2I.forward(x, t, y)`, without the LQ arguments)."""
+        if self.lq_proj is None:
+            return self.velocity(x, t, self.embed_text(y), [], None, acts)
         feats = self.lq_features(lq_latent, x.shape[2], x.shape[3])
         for i, f in enumerate(feats):
             _put(acts, f"lq_proj.{i}", f)
