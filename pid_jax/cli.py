@@ -65,6 +65,8 @@ def _chunk(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected 'auto', 0 or a number of tokens, got {text!r}") from None
+
+
 _mesh_arg = _pair("DxS (data x sequence)", "1x4")
 
 
@@ -129,6 +131,15 @@ def cmd_parity(args: argparse.Namespace) -> int:
             args.torch_reference, args.checkpoint, preset, size=args.size, python=args.torch_python, progress=_progress
         )
     if args.sampler:
+        from pid_jax.teacher_parity import is_teacher_run, teacher_parity
+
+        if is_teacher_run(args.sampler):
+            if args.dtype != "float32" or args.mesh:
+                raise InputError("a teacher-sampler replay runs in float32 on one device (no --dtype, no --mesh)")
+            rows, bounds = teacher_parity(model, args.sampler, progress=_progress)
+            ok, text = parity.report_bounded(rows, bounds)
+            print(text)
+            return 0 if ok else 1
         rows = parity.sampler_parity(model, args.sampler, mesh=args.mesh)
         bound = parity.BOUNDS[("sampler", args.dtype)]
     else:
@@ -265,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("flux", "sd3", "sdxl", "flux2", "qwenimage"),
         help="check a VAE of this kind: --checkpoint its weights, --io its dump, --config its JSON",
     )
-    s.add_argument("--sampler", help="recorded sampler run: noise, eps.k, out")
+    s.add_argument(
+        "--sampler", help="recorded sampler run: a student's (noise, eps.k, out) or a teacher's (t_grid, eps_cfg.k)"
+    )
     s.add_argument("--gemma", help="Gemma-2 directory (config.json + safetensors); compares last_hidden_state")
     s.add_argument("--train", metavar="FIXTURE_DIR", help="replay a recorded upstream training run (train/<name>/)")
     s.add_argument("--torch-reference", metavar="UPSTREAM_DIR", help="dump the reference live (needs torch)")

@@ -37,6 +37,11 @@ class Row(NamedTuple):
     shape: tuple[int, ...]
     rel_l2: float
     max_abs: float
+    metric: str = "rel"  # what `report_bounded` holds against the bound: "rel" (rel_l2) or "abs" (max_abs)
+
+    @property
+    def value(self) -> float:
+        return self.max_abs if self.metric == "abs" else self.rel_l2
 
 
 def compare(name: str, ours, ref) -> Row:
@@ -72,28 +77,39 @@ def report(rows: list[Row], bound: float, bounds: list[float] | None = None) -> 
 
 def report_bounded(rows: list[Row], bounds: list[float]) -> tuple[bool, str]:
     """Each row against its own bound (0: exact). The last line names the row closest to its bound:
-    `PASS worst=<row> rel_l2=<v> bound=<b>`, or the first row over it: `FAIL <row> rel_l2=<v> bound=<b>`."""
+    `PASS worst=<row> rel_l2=<v> bound=<b>`, or the first row over it: `FAIL <row> rel_l2=<v> bound=<b>`.
+    A row with metric "abs" is held to its bound on max_abs (marked `(abs)`, and named `max_abs=` there)."""
     if not rows:
         return False, "FAIL nothing rel_l2=nan bound=nan"
 
     def ratio(r: Row, b: float) -> float:
-        if not np.isfinite(r.rel_l2):
+        if not np.isfinite(r.value):
             return float("inf")
-        return r.rel_l2 / b if b > 0 else (0.0 if r.rel_l2 == 0 else float("inf"))
+        return r.value / b if b > 0 else (0.0 if r.value == 0 else float("inf"))
+
+    def named(r: Row) -> str:
+        return f"{'max_abs' if r.metric == 'abs' else 'rel_l2'}={r.value:.3e}"
 
     w = max(len(r.name) for r in rows)
     lines = [f"{'tensor':<{w}}  {'shape':<22} {'rel_l2':>10} {'bound':>8} {'max_abs':>10}"]
     for r, b in zip(rows, bounds, strict=True):
-        flag = "" if ratio(r, b) <= 1 else "  <-- over bound"
-        lines.append(f"{r.name:<{w}}  {str(list(r.shape)):<22} {r.rel_l2:>10.3e} {b:>8.0e} {r.max_abs:>10.3e}{flag}")
+        flag = (" (abs)" if r.metric == "abs" else "") + ("" if ratio(r, b) <= 1 else "  <-- over bound")
+        cols = f"{r.rel_l2:>10.3e} {_bound(b):>8} {r.max_abs:>10.3e}"
+        lines.append(f"{r.name:<{w}}  {str(list(r.shape)):<22} {cols}{flag}")
     over = [(r, b) for r, b in zip(rows, bounds, strict=True) if ratio(r, b) > 1]
     if over:
         r, b = over[0]
-        lines.append(f"FAIL {r.name} rel_l2={r.rel_l2:.3e} bound={b:g}")
+        lines.append(f"FAIL {r.name} {named(r)} bound={b:g}")
         return False, "\n".join(lines)
     r, b = max(zip(rows, bounds, strict=True), key=lambda rb: ratio(*rb))
-    lines.append(f"PASS worst={r.name} rel_l2={r.rel_l2:.3e} bound={b:g}")
+    lines.append(f"PASS worst={r.name} {named(r)} bound={b:g}")
     return True, "\n".join(lines)
+
+
+def _bound(b: float) -> str:
+    """The bound in the table: one significant digit when that is exact (1e-04), else two (1.5e-04)."""
+    one = f"{b:.0e}"
+    return one if float(one) == b else f"{b:.1e}"
 
 
 def _load_npz(path: str | Path, required: list[str]) -> dict[str, np.ndarray]:

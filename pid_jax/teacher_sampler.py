@@ -250,3 +250,72 @@ def teacher_sample(
     (x, _), per_step = jax.lax.scan(step, (x0, jnp.zeros_like(x0)), jnp.arange(n))
     out = jnp.clip(x, -1.0, 1.0) if clamp else x
     return (out, per_step) if return_steps else out
+
+
+# --- on the network -----------------------------------------------------------------------------------------
+
+
+def network_velocity(
+    model,
+    caption_emb: jax.Array,
+    negative_emb: jax.Array | None,
+    feats: list[jax.Array],
+    sigma: jax.Array | None,
+    *,
+    guided: bool,
+    batched: bool = True,
+) -> GuidedVelocityFn | VelocityFn:
+    """`velocity(x, t_net)` of a PidNet (or PixDiT_T2I: `feats=[]`, `sigma=None`) for `teacher_sample`.
+
+    The captions are already embedded (`model.embed_text`). Guided, the unconditional branch gets the
+    negative embedding and the same LQ features and sigma (upstream's guidance is text-only). `batched`
+    runs both branches as one call of 2B, as upstream's PixelDiT does (PiD upstream makes two calls of B;
+    the numbers are the same: every op acts per sample).
+    """
+    if not guided:
+        return lambda x, t: model.velocity(x, t, caption_emb, feats, sigma)
+    b = caption_emb.shape[0]
+    neg = jnp.broadcast_to(negative_emb, (b, *negative_emb.shape[1:]))
+    if not batched or neg.shape != caption_emb.shape:
+        return lambda x, t: (model.velocity(x, t, neg, feats, sigma), model.velocity(x, t, caption_emb, feats, sigma))
+    y2 = jnp.concatenate([neg, caption_emb])
+    f2 = [jnp.concatenate([f, f]) for f in feats]
+    s2 = None if sigma is None else jnp.concatenate([sigma, sigma])
+
+    def velocity(x, t):
+        v = model.velocity(jnp.concatenate([x, x]), jnp.concatenate([t, t]), y2, f2, s2)
+        return v[:b], v[b:]
+
+    return velocity
+
+
+def sample_model(
+    model,
+    noise: jax.Array,
+    schedule: DpmppSchedule,
+    caption_embeddings: jax.Array,
+    negative_embeddings: jax.Array | None = None,
+    cfg_scale: float | jax.Array = 1.0,
+    *,
+    latents: jax.Array | None = None,
+    sigma: jax.Array | None = None,
+    guided: bool | None = None,
+    batched: bool = True,
+    return_steps: bool = False,
+):
+    """The teacher sampler on a network: PiD (with `latents` [B, C, h, w] and `sigma` [B]) or PixelDiT.
+
+    `noise` [B, 3, H, W] sets the output size; `caption_embeddings` [B, L, D] and `negative_embeddings`
+    [1 or B, L, D] are caption-encoder outputs. The adapter and both caption streams' inputs see neither x
+    nor t: they are computed once, not per step. Pure: jit/vmap-safe.
+    """
+    if guided is None:
+        guided = is_guided(cfg_scale)
+    if guided and negative_embeddings is None:
+        raise InputError("a guided run (cfg_scale != 1) needs negative_embeddings (the unconditional caption)")
+    _, _, h, w = noise.shape
+    feats = [] if latents is None else model.lq_features(latents, h, w)
+    y_emb = model.embed_text(caption_embeddings)
+    y_neg = model.embed_text(negative_embeddings) if guided else None
+    velocity = network_velocity(model, y_emb, y_neg, feats, sigma, guided=guided, batched=batched)
+    return teacher_sample(velocity, noise, schedule, cfg_scale, guided=guided, return_steps=return_steps)
