@@ -76,14 +76,27 @@ _mesh_arg = _pair("DxS (data x sequence)", "1x4")
 def cmd_presets(args: argparse.Namespace) -> int:
     from pid_jax.config import load_preset, preset_names
 
-    # latent: the LDM latent it decodes, [C, H/f, W/f] of the LDM's image; scale: output pixels per LDM pixel.
-    row = "{:<23} {:<13} {:<36} {:<19} {:<5} {}"
-    print(row.format("preset", "variant", "backbones", "latent", "scale", "Hub file (nvidia/PiD)"))
+    # latent: the LDM latent it decodes, [C, H/f, W/f] of the LDM's image; scale: output pixels per LDM pixel;
+    # sampler: the default sampler and steps (dpmpp: with its guidance scale).
+    rows = []
     for name in preset_names():
         p = load_preset(name)
-        latent = f"{p.latent.channels} x H/{p.latent.vae_factor} x W/{p.latent.vae_factor}"
-        hub_file = p.hub.filename if p.hub else ""
-        print(row.format(name, p.variant, ",".join(p.backbones), latent, f"{p.network.sr_scale}x", hub_file))
+        if p.network.is_text_to_image:
+            latent, scale = "none (text to image)", "-"
+        else:
+            latent, scale = (
+                f"{p.latent.channels} x H/{p.latent.vae_factor} x W/{p.latent.vae_factor}",
+                f"{p.network.sr_scale}x",
+            )
+        sp = p.sampler
+        sampler = f"{sp.kind} {sp.steps}" + (f" cfg {sp.cfg_scale:g}" if sp.kind == "dpmpp" else "")
+        rows.append(
+            (name, p.variant, ",".join(p.backbones) or "-", latent, scale, sampler, p.hub.filename if p.hub else "")
+        )
+    head = ("preset", "variant", "backbones", "latent", "scale", "sampler", "Hub file (nvidia/PiD)")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
+    for r in [head, *rows]:
+        print(" ".join(f"{c:<{w}}" for c, w in zip(r, widths, strict=False)) + " " + r[-1])
     return 0
 
 
@@ -167,43 +180,70 @@ def _build_decoder(args: argparse.Namespace):
 def cmd_decode(args: argparse.Namespace) -> int:
     from pid_jax.io import EMBEDDING_KEYS, LATENT_KEYS, load_array, output_paths, settings_text, write_pngs
     from pid_jax.sampler import to_uint8
+    from pid_jax.teacher_sampler import is_guided
 
     if (args.prompt is None) == (args.caption_embeddings is None):
         raise InputError("give exactly one of --prompt and --caption-embeddings")
+    if args.negative_prompt is not None and args.negative_embeddings:
+        raise InputError("give at most one of --negative-prompt and --negative-embeddings")
     latents = load_array(args.latent, "latent", LATENT_KEYS)
     emb = load_array(args.caption_embeddings, "caption embeddings", EMBEDDING_KEYS) if args.caption_embeddings else None
+    neg = None
+    if args.negative_embeddings:
+        neg = load_array(args.negative_embeddings, "negative embeddings", (*EMBEDDING_KEYS, "y_null"))
     if latents.ndim == 3:
         latents = latents[None]
     paths = output_paths(args.out, latents.shape[0] if latents.ndim == 4 else 1)
     dec = _build_decoder(args)
+    steps, mode, scale = dec.sampler_settings(args.steps, args.mode, args.cfg_scale)
+    if args.shift is not None and not dec.is_teacher:
+        raise InputError(f"--shift: {dec.preset.name} is a distilled decoder (fixed time steps)")
+    guided = dec.is_teacher and is_guided(scale)
     if args.mesh:
         dec.set_mesh(args.mesh)
-    if args.prompt is not None:
-        captions = [args.prompt] * latents.shape[0]
-        if args.gemma:
-            from pid_jax.gemma.encoder import CaptionEncoder
+    if args.gemma and (args.prompt is not None or (guided and neg is None)):
+        from pid_jax.gemma.encoder import CaptionEncoder
 
-            dec.caption_encoder = CaptionEncoder.from_pretrained(args.gemma, dtype=args.dtype)
-        emb = dec.encode_captions(captions)
-        if args.free_encoder and dec.caption_encoder is not None:
-            dec.caption_encoder.release()
-    dec.prepare(latents, emb, args.sigma, args.steps, args.mode, args.output_size)  # refuse before compiling
+        dec.caption_encoder = CaptionEncoder.from_pretrained(args.gemma, dtype=args.dtype)
+    if args.prompt is not None:
+        emb = dec.encode_captions([args.prompt] * latents.shape[0])
+    if guided and neg is None:  # the unconditional branch: CHI prompt + negative prompt, encoded once
+        neg = dec.negative_embeddings(latents.shape[0], None, args.negative_prompt)
+    if args.free_encoder and dec.caption_encoder is not None:
+        dec.caption_encoder.release()
+    *_, (h, w) = dec.prepare(latents, emb, args.sigma, steps, mode, args.output_size, scale)  # refuse before compiling
     x = dec.decode_array(
-        latents, emb, sigma=args.sigma, seed=args.seed, steps=args.steps, mode=args.mode, output_size=args.output_size
+        latents,
+        emb,
+        sigma=args.sigma,
+        seed=args.seed,
+        steps=steps,
+        mode=mode,
+        output_size=args.output_size,
+        cfg_scale=scale if dec.is_teacher else None,
+        shift=args.shift,
+        negative_embeddings=neg if guided else None,
     )
     t = dec.timings
-    _progress(f"decoded {len(paths)} image(s) in {t.get('decode_s', 0):.2f} s ({args.steps} steps)")
+    _progress(f"decoded {len(paths)} image(s) in {t.get('decode_s', 0):.2f} s ({steps} steps)")
     settings = {
         "preset": dec.preset.name,
         "checkpoint": args.checkpoint or f"{args.backbone}/{args.variant}",
         "sigma": args.sigma,
-        "steps": args.steps,
+        "steps": steps,
         "seed": args.seed,
-        "mode": args.mode,
+        "mode": mode,
         "dtype": args.dtype,
         "prompt": args.prompt,
         "pid_jax": __import__("pid_jax").__version__,
     }
+    if dec.is_teacher:
+        settings.update(sampler="dpmpp", cfg_scale=scale, shift=dec.preset.sampler.shift_for(h, w, args.shift))
+        settings["negative"] = (
+            "embeddings"
+            if args.negative_embeddings
+            else (args.negative_prompt if args.negative_prompt is not None else dec.preset.sampler.negative_prompt)
+        )
     write_pngs(to_uint8(x), paths, {"pid-jax": settings_text(settings)})
     for p in paths:
         print(f"wrote {p}")
@@ -291,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("decode", help="decode latents to PNG images")
     s.add_argument("--backbone", help="upstream backbone name (flux, flux2, sd3, sdxl, qwenimage, ...)")
-    s.add_argument("--variant", default="2k", help="2k, 2kto4k or 2kto4k_v1pt5")
+    s.add_argument("--variant", default="2k", help="2k, 2kto4k, 2kto4k_v1pt5 or 2kto4k_v1pt5_undistilled")
     s.add_argument("--checkpoint")
     s.add_argument("--config")
     s.add_argument("--cache-dir", help="Hugging Face cache directory (default: HF_HOME / HF_HUB_CACHE)")
@@ -301,9 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gemma", help="caption encoder directory or repo id (default Efficient-Large-Model/gemma-2-2b-it)")
     s.add_argument("--free-encoder", action="store_true", help="release the caption encoder before decoding")
     s.add_argument("--sigma", type=float, default=0.0)
-    s.add_argument("--steps", type=int, default=4)
+    s.add_argument("--steps", type=int, help="sampler steps (default: the preset's: 4, or 25 for an undistilled one)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--mode", default="sde", choices=("sde", "ode"))
+    s.add_argument("--mode", choices=("sde", "ode"), help="distilled sampler mode (default: the preset's, sde)")
+    s.add_argument("--cfg-scale", type=float, help="undistilled presets: guidance scale (default: the preset's, 5)")
+    s.add_argument("--shift", type=float, help="undistilled presets: flow shift (default: dynamic, from the size)")
+    s.add_argument("--negative-prompt", help="undistilled presets: the unconditional caption (default: upstream's)")
+    s.add_argument("--negative-embeddings", help="undistilled presets: its embedding instead, .npy/.npz [1, L, D]")
     s.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     s.add_argument("--output-size", type=_size)
     s.add_argument("--mesh", type=_mesh_arg)

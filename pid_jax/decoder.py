@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from pid_jax import hub, sampler, tiled_decode
+from pid_jax import teacher_sampler as ts
 from pid_jax.config import STUDENT_T_LIST, Preset
 from pid_jax.errors import InputError
 from pid_jax.memory import check_fits
@@ -107,6 +108,40 @@ def _sample(model, latents, caption_embeddings, sigma, noise, draw, height, widt
     return sampler.sample(velocity, noise, t_sched, draw, mode)
 
 
+def decode_teacher(
+    model: PidNet,
+    latents: jax.Array,
+    caption_embeddings: jax.Array,
+    negative_embeddings: jax.Array | None,
+    sigma: jax.Array,
+    key: jax.Array,
+    schedule: ts.DpmppSchedule,
+    cfg_scale: float | jax.Array = 1.0,
+    *,
+    height: int,
+    width: int,
+    guided: bool | None = None,
+    batched: bool = True,
+) -> jax.Array:
+    """An undistilled (teacher) network's decode: upstream's DPM-Solver++ with guidance against
+    `negative_embeddings` [1 or B, L, D], over `schedule` (`teacher_sampler.dpmpp_schedule(steps, shift)`).
+    Images [B, 3, height, width] in [-1, 1]. Pure: jit/vmap-safe; the schedule and the scale may be traced."""
+    noise = jax.random.normal(key, (latents.shape[0], model.cfg.in_channels, height, width), jnp.float32)
+    s = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (latents.shape[0],))
+    return ts.sample_model(
+        model,
+        noise,
+        schedule,
+        caption_embeddings,
+        negative_embeddings,
+        cfg_scale,
+        latents=latents,
+        sigma=s,
+        guided=guided,
+        batched=batched,
+    )
+
+
 # Tiles decoded per call of the tiled path's program (a preset with `sampler.tile`): 16 tiles of 96x96 keep
 # the demo model's CPU decode near its best throughput.
 TILE_BATCH = 16
@@ -187,6 +222,11 @@ class PiDDecoder:
         pixel_chunk: int | str | None = "auto",
         tile_batch: int = TILE_BATCH,
     ):
+        if preset.network.is_text_to_image:
+            raise InputError(
+                f"preset {preset.name} is a text-to-image network (PixDiT_T2I, no latent): it does not decode; "
+                "use pid_jax.generate (pid-jax generate)"
+            )
         pixel_chunk_for(1, pixel_chunk)  # validate now, not at the first decode
         if isinstance(tile_batch, bool) or not isinstance(tile_batch, int) or tile_batch < 1:
             raise InputError(f"tile_batch={tile_batch!r}: expected a positive number of tiles per chunk")
@@ -199,6 +239,7 @@ class PiDDecoder:
         self.caption_encoder = caption_encoder
         self.progress = progress or (lambda _msg: None)
         self._compiled: dict[tuple, Callable] = {}
+        self._negative: dict[str, np.ndarray] = {}  # negative prompt -> its embedding, encoded once
         self.timings: dict[str, float] = {}
         self.mesh = None
 
@@ -268,16 +309,52 @@ class PiDDecoder:
             )
         return hh, ww
 
+    @property
+    def is_teacher(self) -> bool:
+        """Whether the preset samples with the undistilled sampler (DPM-Solver++ with guidance)."""
+        return self.preset.sampler.kind == "dpmpp"
+
+    def sampler_settings(
+        self, steps: int | None = None, mode: str | None = None, cfg_scale: float | None = None
+    ) -> tuple[int, str | None, float]:
+        """(steps, mode, cfg_scale) with the preset's defaults for what is None; refuses what the sampler lacks."""
+        sp = self.preset.sampler
+        if self.is_teacher:
+            if mode is not None:
+                raise InputError(f"mode={mode!r}: {self.preset.name} samples with DPM-Solver++, which has no mode")
+            steps = sp.steps if steps is None else steps
+            ts.orders(steps)  # validates the step count
+            scale = sp.cfg_scale if cfg_scale is None else cfg_scale
+            try:
+                scale = float(scale)
+            except (TypeError, ValueError):
+                raise InputError(f"cfg_scale={scale!r}: expected a number") from None
+            if not np.isfinite(scale):
+                raise InputError(f"cfg_scale={scale!r}: expected a finite number")
+            return steps, None, scale
+        if cfg_scale is not None and float(cfg_scale) != 1.0:
+            raise InputError(
+                f"cfg_scale={cfg_scale!r}: {self.preset.name} is a distilled decoder (no guidance); "
+                "guidance is for the undistilled presets"
+            )
+        steps = sp.steps if steps is None else steps
+        mode = sp.mode if mode is None else mode
+        sampler.t_schedule(steps, sp.t_list)
+        sampler.check_mode(mode)
+        return steps, mode, 1.0
+
     def prepare(
         self,
         latents: Any,
         caption_embeddings: Any,
         sigma: Any,
-        steps: int,
-        mode: str,
+        steps: int | None,
+        mode: str | None,
         output_size: tuple[int, int] | None,
+        cfg_scale: float | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array, tuple[int, int]]:
         """Validate every input before anything is compiled; returns device arrays and the output size."""
+        steps, mode, scale = self.sampler_settings(steps, mode, cfg_scale)
         z = _as_array("latents", latents)
         if z.ndim == 3:
             z = z[None]
@@ -294,10 +371,9 @@ class PiDDecoder:
         hw = self.output_size(tuple(z.shape), output_size)
         devices = self.mesh.size if self.mesh is not None else 1
         ps = self.cfg.patch_size
-        chunk = pixel_chunk_for(b * (hw[0] // ps) * (hw[1] // ps), self.pixel_chunk)
-        check_fits(self.cfg, b, hw[0], hw[1], jnp.dtype(self.dtype).itemsize, devices, chunk)
-        sampler.t_schedule(steps, self.preset.sampler.t_list)
-        sampler.check_mode(mode)
+        b_net = b * (2 if self.is_teacher and ts.is_guided(scale) else 1)  # guided: both branches in one call
+        chunk = pixel_chunk_for(b_net * (hw[0] // ps) * (hw[1] // ps), self.pixel_chunk)
+        check_fits(self.cfg, b_net, hw[0], hw[1], jnp.dtype(self.dtype).itemsize, devices, chunk)
 
         y = _as_array("caption_embeddings", caption_embeddings)
         if y.ndim == 2:
@@ -337,6 +413,43 @@ class PiDDecoder:
             self._compiled[shape_key] = jax.jit(run)
         return self._compiled[shape_key]
 
+    def _teacher_program(self, shape_key: tuple, height: int, width: int, guided: bool) -> Callable:
+        if shape_key not in self._compiled:
+            b, ps = shape_key[1][0] * (2 if guided else 1), self.cfg.patch_size
+            chunk = pixel_chunk_for(b * (height // ps) * (width // ps), self.pixel_chunk)
+            graphdef = with_pixel_chunk(self.graphdef, self.params, chunk) if chunk else self.graphdef
+
+            def run(params, z, y, neg, s, key, schedule, scale):
+                m = nnx.merge(graphdef, params)
+                kw = dict(height=height, width=width, guided=guided)
+                return decode_teacher(m, z, y, neg, s, key, schedule, scale, **kw)
+
+            self._compiled[shape_key] = jax.jit(run)
+        return self._compiled[shape_key]
+
+    def negative_embeddings(
+        self, batch: int, negative_embeddings: Any = None, negative_prompt: str | None = None
+    ) -> jax.Array:
+        """The unconditional caption of a guided decode: given [1 or B, L, D], else the negative prompt
+        (the preset's unless given) through the caption encoder with the CHI prompt, encoded once per decoder."""
+        if negative_embeddings is not None:
+            if negative_prompt is not None:
+                raise InputError("give at most one of negative_embeddings and negative_prompt")
+            n = _as_array("negative_embeddings", negative_embeddings)
+            if n.ndim == 2:
+                n = n[None]
+            if n.ndim != 3 or n.shape[-1] != self.cfg.txt_embed_dim or n.shape[0] not in (1, batch):
+                raise InputError(
+                    f"negative_embeddings: expected [1 or {batch}, L, {self.cfg.txt_embed_dim}], got shape "
+                    f"{tuple(n.shape)}"
+                )
+            _check_float("negative_embeddings", n)
+            return jnp.asarray(n, jnp.float32)
+        prompt = self.preset.sampler.negative_prompt if negative_prompt is None else negative_prompt
+        if prompt not in self._negative:
+            self._negative[prompt] = self.encode_captions([prompt])
+        return jnp.asarray(self._negative[prompt], jnp.float32)
+
     def decode_array(
         self,
         latents: Any,
@@ -345,22 +458,50 @@ class PiDDecoder:
         captions: Sequence[str] | None = None,
         sigma: Any = 0.0,
         seed: int = 0,
-        steps: int = 4,
-        mode: str = "sde",
+        steps: int | None = None,
+        mode: str | None = None,
         output_size: tuple[int, int] | None = None,
+        cfg_scale: float | None = None,
+        shift: float | None = None,
+        negative_embeddings: Any = None,
+        negative_prompt: str | None = None,
     ) -> jax.Array:
-        """Images [B, 3, H, W] in [-1, 1] (float32)."""
+        """Images [B, 3, H, W] in [-1, 1] (float32).
+
+        `steps`, `mode` (distilled presets) and `cfg_scale`, `shift` (undistilled ones: None = dynamic) default
+        to the preset's sampler. A guided decode's unconditional branch is `negative_embeddings`, or
+        `negative_prompt` (default: the preset's) through the caption encoder."""
         if (caption_embeddings is None) == (captions is None):
             raise InputError("give exactly one of caption_embeddings and captions")
+        steps, mode, scale = self.sampler_settings(steps, mode, cfg_scale)
+        if shift is not None and not self.is_teacher:
+            raise InputError(f"shift={shift!r}: {self.preset.name} is a distilled decoder (fixed time steps)")
+        if shift is not None and not (np.isfinite(shift) and shift > 0):
+            raise InputError(f"shift={shift!r}: expected a positive flow shift")
         if captions is not None:
             caption_embeddings = self.encode_captions(captions)
         seed = _check_seed(seed)
-        z, y, s, (h, w) = self.prepare(latents, caption_embeddings, sigma, steps, mode, output_size)
+        z, y, s, (h, w) = self.prepare(latents, caption_embeddings, sigma, steps, mode, output_size, scale)
         key = jax.random.key(seed)
+        if self.is_teacher:
+            guided = ts.is_guided(scale)
+            neg = self.negative_embeddings(z.shape[0], negative_embeddings, negative_prompt) if guided else None
+            schedule = ts.dpmpp_schedule(steps, self.preset.sampler.shift_for(h, w, shift))
+            shape_key = ("dpmpp", tuple(z.shape), tuple(y.shape), None if neg is None else tuple(neg.shape), h, w)
+            shape_key += (steps, guided, self.mesh is not None)
+            fn = self._teacher_program(shape_key, h, w, guided)
+            label = f"{steps}-step DPM-Solver++ decoder" + (" with guidance" if guided else "")
+            return self._run(shape_key, fn, label, h, w, z, y, s, key, neg, schedule, np.float32(scale))
         sp = self.preset.sampler
         lay = tiled_decode.layout(z.shape[2:], h, w, sp.tile, sp.tile_overlap, self.cfg.patch_size)
         if lay is not None and self.mesh is None:
             return self._decode_tiled(lay, z, y, s, key, h, w, steps, mode)
+        shape_key = (tuple(z.shape), tuple(y.shape), h, w, steps, mode, self.mesh is not None)
+        fn = self._program(shape_key, h, w, steps, mode)
+        return self._run(shape_key, fn, f"{steps}-step decoder", h, w, z, y, s, key)
+
+    def _run(self, shape_key, fn, label: str, h: int, w: int, z, y, s, key, *teacher) -> jax.Array:
+        """Place the inputs (on the mesh, if any), compile once per shape key, run and time."""
         mesh_ctx = contextlib.nullcontext()
         if self.mesh is not None:
             from pid_jax import sharding
@@ -368,21 +509,20 @@ class PiDDecoder:
             sharding.check_divisible(self.mesh, z.shape[0], h // self.cfg.patch_size)
             z, y, s = (sharding.put(a, self.mesh, k) for a, k in ((z, "latent"), (y, "text"), (s, "batch")))
             mesh_ctx = jax.set_mesh(self.mesh)
-        shape_key = (tuple(z.shape), tuple(y.shape), h, w, steps, mode, self.mesh is not None)
-        fresh = shape_key not in self._compiled
-        fn = self._program(shape_key, h, w, steps, mode)
-        if fresh:
-            self.progress(f"compiling the {steps}-step decoder for {z.shape[0]}x{h}x{w} ({jnp.dtype(self.dtype).name})")
+        # the teacher's arguments (negative embedding, schedule, scale) are small: replicated
+        args = (self.params, z, y, *teacher[:1], s, key, *teacher[1:])
+        if not isinstance(fn, jax.stages.Compiled):
+            self.progress(f"compiling the {label} for {z.shape[0]}x{h}x{w} ({jnp.dtype(self.dtype).name})")
             t0 = time.perf_counter()
             with mesh_ctx:
-                lowered = fn.lower(self.params, z, y, s, key)
+                lowered = fn.lower(*args)
                 t1 = time.perf_counter()
                 fn = lowered.compile()  # a persistent-cache hit loads instead of compiling
             self._compiled[shape_key] = fn
             self.timings["compile_s"] = time.perf_counter() - t0
             self.timings["trace_s"] = t1 - t0
         t0 = time.perf_counter()
-        out = jax.block_until_ready(fn(self.params, z, y, s, key))
+        out = jax.block_until_ready(fn(*args))
         self.timings["decode_s"] = time.perf_counter() - t0
         return out
 

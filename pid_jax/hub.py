@@ -11,7 +11,26 @@ from pathlib import Path
 from pid_jax.config import Preset, load_preset, preset_names
 from pid_jax.errors import ConfigError, PidError
 
-VARIANTS = ("2k", "2kto4k", "2kto4k_v1pt5")
+VARIANTS = ("2k", "2kto4k", "2kto4k_v1pt5", "2kto4k_v1pt5_undistilled")
+# Shorter names accepted for a variant.
+VARIANT_ALIASES = {"undistilled": "2kto4k_v1pt5_undistilled"}
+
+# A PiD checkpoint belongs to a latent space, not to a generator: every backbone that writes the latent of a
+# released VAE decodes with that VAE's checkpoints. The presets' `backbones` lists name them; beyond upstream's
+# own checkpoint registry (`pid/_src/inference/checkpoint_registry.py`: flux, zimage, zimage-turbo, flux2,
+# flux2-klein-4b/9b, sd3, sdxl, qwenimage, qwenimage-2512, dinov2, siglip), these come from:
+BACKBONE_SOURCES = {
+    "boogu": "upstream: Boogu-Image's final Flux1-style latent is decoded with the flux PiD "
+    "(pid/_src/inference/from_boogu.py, get_pid_checkpoint('flux', --pid_ckpt_type); docs/boogu_image.md)",
+    "flux1": "the Flux.1 latent under the name ComfyUI/SwarmUI integrations use (npiriou/ComfyUI-PiD "
+    "model_configs.py: 'flux1' -> official backbone 'flux'; mcmonkeyprojects/SwarmUI#1393)",
+    "krea2": "Krea 2 writes the Qwen-Image (Wan 2.1) VAE latent; mflux-community/mflux#490 decodes it with the "
+    "qwenimage PiD (sdnext#4962, mflux#453: Krea 2 reuses the Qwen-Image VAE)",
+    "ernie-image": "ERNIE-Image uses a Flux.2-style batch-normalised VAE; mflux-community/mflux#490 decodes it "
+    "with the flux2 PiD (a colour cast is reported there)",
+    "ernie-image-turbo": "as ernie-image (mflux-community/mflux#490)",
+    "ideogram4": "Ideogram 4 writes the Flux.2 latent; mflux-community/mflux#490 decodes it with the flux2 PiD",
+}
 
 
 def registry() -> dict[tuple[str, str], str]:
@@ -25,6 +44,7 @@ def registry() -> dict[tuple[str, str], str]:
 
 
 def resolve_preset(backbone: str, variant: str = "2k") -> Preset:
+    variant = VARIANT_ALIASES.get(variant, variant)
     reg = registry()
     if (backbone, variant) in reg:
         return load_preset(reg[(backbone, variant)])

@@ -50,19 +50,23 @@ def files_under(d: Path) -> list[str]:
     return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
 
 
-def test_presets_lists_ten(capsys) -> None:
+def test_presets_lists_every_release(capsys) -> None:
     code, out, err = run(capsys, "presets")
     assert code == 0
     header, *lines = out.strip().splitlines()
-    assert header.split()[:5] == ["preset", "variant", "backbones", "latent", "scale"]
-    assert len(lines) == 10 == len(preset_names())
+    assert header.split()[:6] == ["preset", "variant", "backbones", "latent", "scale", "sampler"]
+    # ten distilled decoders, three undistilled teachers and PixelDiT
+    assert len(lines) == 14 == len(preset_names())
     assert [ln.split()[0] for ln in lines] == preset_names()
     assert all("model_ema_bf16.pth" in ln for ln in lines)
     rows = {ln.split()[0]: ln for ln in lines}
     # backbones, latent shape (channels, down factor) and scale of two releases that differ in all three
-    assert " flux,zimage,zimage-turbo " in rows["flux_2k"] and " 16 x H/8 x W/8 " in rows["flux_2k"]
+    assert " flux,zimage,zimage-turbo,boogu,flux1 " in rows["flux_2k"] and " 16 x H/8 x W/8 " in rows["flux_2k"]
     assert " siglip " in rows["siglip_2k"] and " 1152 x H/16 x W/16 " in rows["siglip_2k"]
     assert " W/8 4x " in re.sub(" +", " ", rows["flux_2k"]) and " W/16 8x " in re.sub(" +", " ", rows["siglip_2k"])
+    assert " student 4 " in re.sub(" +", " ", rows["flux_2k"])
+    assert " dpmpp 25 cfg 5 " in re.sub(" +", " ", rows["flux_2kto4k_v1pt5_undistilled"])
+    assert " none (text to image) - dpmpp 50 cfg 2.75 " in re.sub(" +", " ", rows["pixeldit_2kto4k"])
 
 
 def test_version_and_module_entry_point() -> None:

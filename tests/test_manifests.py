@@ -6,6 +6,7 @@ Shapes are evaluated abstractly (no parameter memory); fake state dicts are zero
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from functools import cache
@@ -32,33 +33,50 @@ PRESETS = [
     "siglip_2k",
 ]
 
-# Upstream's releases: backbone -> variants (README of nv-tlabs/PiD and the nvidia/PiD Hub repo).
+UNDISTILLED = ["flux2_2kto4k_v1pt5_undistilled", "flux_2kto4k_v1pt5_undistilled", "qwenimage_2kto4k_v1pt5_undistilled"]
+T2I = ["pixeldit_2kto4k"]
+# Upstream's releases: backbone -> variants (README of nv-tlabs/PiD, docs/checkpoints.md and the nvidia/PiD Hub
+# repo); the undistilled v1.5 teachers exist for the flux, flux2 and qwenimage latents.
+V15 = {"2kto4k_v1pt5", "2kto4k_v1pt5_undistilled"}
 RELEASES = {
-    "flux": {"2k", "2kto4k_v1pt5"},
-    "zimage": {"2k", "2kto4k_v1pt5"},
-    "zimage-turbo": {"2k", "2kto4k_v1pt5"},
-    "flux2": {"2k", "2kto4k_v1pt5"},
-    "flux2-klein-4b": {"2k", "2kto4k_v1pt5"},
-    "flux2-klein-9b": {"2k", "2kto4k_v1pt5"},
+    "flux": {"2k", *V15},
+    "zimage": {"2k", *V15},
+    "zimage-turbo": {"2k", *V15},
+    "flux2": {"2k", *V15},
+    "flux2-klein-4b": {"2k", *V15},
+    "flux2-klein-9b": {"2k", *V15},
     "sd3": {"2k", "2kto4k"},
     "sdxl": {"2kto4k"},
-    "qwenimage": {"2kto4k_v1pt5"},
-    "qwenimage-2512": {"2kto4k_v1pt5"},
+    "qwenimage": V15,
+    "qwenimage-2512": V15,
     "dinov2": {"2k"},
     "siglip": {"2k"},
+    # backbones that write a released latent (pid_jax.hub.BACKBONE_SOURCES names where each mapping comes from)
+    "boogu": {"2k", *V15},
+    "flux1": {"2k", *V15},
+    "krea2": V15,
+    "ernie-image": {"2k", *V15},
+    "ernie-image-turbo": {"2k", *V15},
+    "ideogram4": {"2k", *V15},
 }
 # The preset serving each (backbone family, variant): family = checkpoint directory name.
 FAMILY = {
     "flux": "flux",
     "zimage": "flux",
     "zimage-turbo": "flux",
+    "boogu": "flux",
+    "flux1": "flux",
     "flux2": "flux2",
     "flux2-klein-4b": "flux2",
     "flux2-klein-9b": "flux2",
+    "ernie-image": "flux2",
+    "ernie-image-turbo": "flux2",
+    "ideogram4": "flux2",
     "sd3": "sd3",
     "sdxl": "sdxl",
     "qwenimage": "qwenimage",
     "qwenimage-2512": "qwenimage",
+    "krea2": "qwenimage",
     "dinov2": "dinov2",
     "siglip": "siglip",
 }
@@ -90,10 +108,59 @@ def fake_state_dict(name: str) -> dict[str, np.ndarray]:
     return {k: np.broadcast_to(z, tuple(s)) for k, s in manifest(name)["state_dict"].items()}
 
 
-def test_ten_presets() -> None:
-    assert preset_names() == PRESETS
+def test_presets_are_the_releases() -> None:
+    assert preset_names() == sorted(PRESETS + UNDISTILLED + T2I)
     manifests = sorted(p.stem for p in fixture("manifests").glob("*.json") if not p.stem.startswith("gemma"))
     assert manifests == PRESETS
+
+
+@pytest.mark.parametrize("name", UNDISTILLED)
+def test_undistilled_teacher_preset(name: str) -> None:
+    """The v1.5 teacher: the distilled release's network (upstream's student copies the teacher), its
+    checkpoint directory, and upstream's teacher sampling (DPM-Solver++, CFG 5, dynamic shift 6 at 2048)."""
+    p = load_preset(name)
+    distilled = load_preset(name.removesuffix("_undistilled"))
+    family = name.split("_")[0]
+    assert p.variant == "2kto4k_v1pt5_undistilled" and p.backbones == distilled.backbones
+    assert p.hub.filename == f"checkpoints/PiD_v1pt5_res2kto4k_sr4x_official_{family}_undistilled/model_ema_bf16.pth"
+    # upstream's teacher experiment sets train_lq_proj_only (a training switch: no parameter depends on it)
+    assert dataclasses.replace(p.network, train_lq_proj_only=False) == distilled.network
+    assert preset_shapes(name) == preset_shapes(distilled.name) == manifest_shapes(distilled.name)
+    assert p.latent == distilled.latent
+    sp = p.sampler
+    assert (sp.kind, sp.steps, sp.cfg_scale, sp.shift) == ("dpmpp", 25, 5.0, None)
+    assert sp.shift_for(2048, 2048) == 6.0 and abs(sp.shift_for(4096, 4096) - 8.485) < 1e-3
+    assert sp.negative_prompt.startswith("low quality, worst quality") and sp.negative_prompt.endswith("watermark")
+
+
+def test_pixeldit_preset_covers_its_release() -> None:
+    """PixelDiT_finetune_2kto4k: PixDiT_T2I (PidNet without the adapter), its shapes equal the full-size
+    manifest key for key (the extended set's sampler_teacher/pixeldit_t2i/manifest_full.json, or the compact
+    set's copy), and upstream's sampling (50 steps, CFG 2.75, dynamic shift)."""
+    p = load_preset("pixeldit_2kto4k")
+    assert p.network.is_text_to_image and p.backbones == () and p.latent.channels == 0
+    assert p.hub.filename == "checkpoints/PixelDiT_finetune_2kto4k/model_ema_bf16.pth"
+    m = json.loads(fixture("sampler_teacher", "pixeldit_t2i", "manifest_full.json").read_text())
+    assert PidNetConfig.from_dict(m["config"]) == p.network
+    assert p.network.to_dict() == {**m["config"]}  # PixDiT_T2I's own arguments, nothing of PidNet's
+    theirs = {k.removeprefix(NETWORK_PREFIX): tuple(v) for k, v in m["state_dict"].items()}
+    assert preset_shapes("pixeldit_2kto4k") == theirs
+    v15 = {k: v for k, v in preset_shapes("flux_2kto4k_v1pt5").items() if not k.startswith(("lq_proj.", "pit_lq_gate."))}
+    assert theirs == v15
+    z = np.zeros((), np.float32)
+    mapped, report = map_state_dict({k: np.broadcast_to(z, v) for k, v in m["state_dict"].items()}, p.network)
+    assert set(mapped) == set(theirs) and report.used == len(theirs)
+    with pytest.raises(CheckpointError, match=r"unexpected key\(s\) \[lq_proj\."):
+        map_state_dict(fake_state_dict("flux_2kto4k_v1pt5"), p.network, source="v1pt5.pth")
+    sp = p.sampler
+    assert (sp.kind, sp.steps, sp.cfg_scale, sp.shift) == ("dpmpp", 50, 2.75, None)
+
+
+def test_every_alias_names_its_source() -> None:
+    upstream = {"flux", "zimage", "zimage-turbo", "flux2", "flux2-klein-4b", "flux2-klein-9b", "sd3", "sdxl"}
+    upstream |= {"qwenimage", "qwenimage-2512", "dinov2", "siglip"}
+    assert set(RELEASES) - upstream == set(hub.BACKBONE_SOURCES)
+    assert hub.resolve_preset("boogu", "undistilled").name == "flux_2kto4k_v1pt5_undistilled"
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -208,7 +275,7 @@ def test_registry_covers_upstream_releases() -> None:
     "backbone, variant, released",
     [
         ("sdxl", "2k", ["2kto4k"]),
-        ("qwenimage", "2k", ["2kto4k_v1pt5"]),
+        ("qwenimage", "2k", ["2kto4k_v1pt5", "2kto4k_v1pt5_undistilled"]),
         ("dinov2", "2kto4k_v1pt5", ["2k"]),
         ("siglip", "2kto4k", ["2k"]),
         ("sd3", "2kto4k_v1pt5", ["2k", "2kto4k"]),
