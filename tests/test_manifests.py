@@ -145,7 +145,8 @@ def test_pixeldit_preset_covers_its_release() -> None:
     assert p.network.to_dict() == {**m["config"]}  # PixDiT_T2I's own arguments, nothing of PidNet's
     theirs = {k.removeprefix(NETWORK_PREFIX): tuple(v) for k, v in m["state_dict"].items()}
     assert preset_shapes("pixeldit_2kto4k") == theirs
-    v15 = {k: v for k, v in preset_shapes("flux_2kto4k_v1pt5").items() if not k.startswith(("lq_proj.", "pit_lq_gate."))}
+    adapter = ("lq_proj.", "pit_lq_gate.")
+    v15 = {k: v for k, v in preset_shapes("flux_2kto4k_v1pt5").items() if not k.startswith(adapter)}
     assert theirs == v15
     z = np.zeros((), np.float32)
     mapped, report = map_state_dict({k: np.broadcast_to(z, v) for k, v in m["state_dict"].items()}, p.network)
