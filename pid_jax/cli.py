@@ -17,8 +17,12 @@ from pathlib import Path
 from pid_jax.errors import InputError, PidError
 
 
-def _progress(msg: str) -> None:
+def progress_line(msg: str) -> None:
+    """The progress printer every verb uses: one `[pid-jax] ...` line on stderr."""
     print(f"[pid-jax] {msg}", file=sys.stderr, flush=True)
+
+
+_progress = progress_line
 
 
 def _enable_compilation_cache() -> None:
@@ -46,7 +50,8 @@ def _pair(what: str, example: str):
     return parse
 
 
-_size = _pair("HxW", "512x512")
+size_arg = _pair("HxW", "512x512")  # the argparse type of an image size, for every verb
+_size = size_arg
 
 
 def _batches(text: str) -> int | list[int]:
@@ -205,6 +210,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
         from pid_jax.gemma.encoder import CaptionEncoder
 
         dec.caption_encoder = CaptionEncoder.from_pretrained(args.gemma, dtype=args.dtype)
+    if emb is not None:  # refuse bad inputs before loading a caption encoder for the negative prompt
+        dec.prepare(latents, emb, args.sigma, steps, mode, args.output_size, scale)
     if args.prompt is not None:
         emb = dec.encode_captions([args.prompt] * latents.shape[0])
     if guided and neg is None:  # the unconditional branch: CHI prompt + negative prompt, encoded once
@@ -288,7 +295,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # Subsystems that bring their own verbs: each module has `register(subparsers)`, which adds its parsers
 # (with `set_defaults(fn=...)`) and imports nothing heavy at registration time.
-VERB_MODULES: list[str] = ["pid_jax.vae.cli", "pid_jax.train.cli", "pid_jax.eval"]
+VERB_MODULES: list[str] = ["pid_jax.vae.cli", "pid_jax.train.cli", "pid_jax.eval", "pid_jax.generate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -316,7 +316,10 @@ class Preset:
         if "network" not in d:
             # A plain JSON of upstream PidNet arguments: derive what the decoder needs.
             net = PidNetConfig.from_dict(d, source)
-            return cls(name=_name_from_source(source), network=net, latent=_default_latent(net))
+            # A PixDiT_T2I samples as the released PixelDiT does; a PidNet's arguments do not say whether it is a
+            # distilled student or a teacher: the student's sampler, unless a preset says otherwise.
+            sampler = load_preset("pixeldit_2kto4k").sampler if net.is_text_to_image else SamplerSpec()
+            return cls(name=_name_from_source(source), network=net, latent=_default_latent(net), sampler=sampler)
         known = {"name", "network", "latent", "sampler", "hub", "variant", "backbones", "description"}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -32,6 +32,8 @@ class FixtureSet:
     name: str
     pidnet: tuple[str, ...]  # pidnet/<variant>/{config.json, model_ema_bf16.pth, io.npz}
     sampler: tuple[str, ...]  # sampler/<name>.npz, name = <variant>_<n>step
+    # sampler_teacher/<name>/{config.json, model_ema_bf16.pth, run.npz}: the undistilled samplers
+    sampler_teacher: tuple[str, ...] = ("pid_v1pt5_flux_dpmpp", "pixeldit_t2i")
 
 
 KNOWN_SETS = {
@@ -77,6 +79,7 @@ FIXTURES, FIXTURE_SET_NAME, _FIXTURE_ERROR = _resolve()
 FIXTURE_SET = KNOWN_SETS[FIXTURE_SET_NAME]
 PIDNET_VARIANTS = list(FIXTURE_SET.pidnet)
 SAMPLER_CASES = list(FIXTURE_SET.sampler)
+TEACHER_SAMPLER_CASES = list(FIXTURE_SET.sampler_teacher)
 
 
 def pytest_configure(config: pytest.Config) -> None:

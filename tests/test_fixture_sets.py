@@ -42,6 +42,13 @@ def test_compact_set_is_complete() -> None:
             assert (COMPACT_ROOT / "pidnet" / v / name).is_file(), f"tests/data/pidnet/{v}/{name} missing"
     for s in want.sampler:
         assert (COMPACT_ROOT / "sampler" / f"{s}.npz").is_file(), f"tests/data/sampler/{s}.npz missing"
+    for case in want.sampler_teacher:
+        for name in ("config.json", "model_ema_bf16.pth", "run.npz"):
+            path = COMPACT_ROOT / "sampler_teacher" / case / name
+            assert path.is_file(), f"tests/data/sampler_teacher/{case}/{name} missing"
+    assert (COMPACT_ROOT / "sampler_teacher" / "pixeldit_t2i" / "manifest_full.json").is_file()
+    teacher_made_by = (COMPACT_ROOT / "sampler_teacher" / COMPACT_MARKER).read_text()
+    assert "scripts/make_compact_teacher_sampler_fixtures.py" in teacher_made_by and "FIX_SEED=9" in teacher_made_by
     for name in ("config.json", "model.safetensors", "io.npz"):
         assert (COMPACT_ROOT / "gemma2" / name).is_file()
     assert len(list((COMPACT_ROOT / "manifests").glob("*.json"))) >= 11

@@ -50,6 +50,10 @@ def test_train_runs_on_an_image_directory(uninterrupted) -> None:
 
     with Image.open(out / "samples" / "step_0000007.png") as im:
         assert im.size == (64, 32)  # [decoded | target]
+        # a teacher's samples use the undistilled sampler with guidance (upstream's teacher settings: this tiny
+        # preset has none of its own), against the null caption here (no caption encoder)
+        assert json.loads(im.text["pid-jax"])["sampler"] == "dpmpp 25 steps, cfg 5"
+    assert "unconditional branch is the null caption" in (out / "log.txt").read_text()
     assert list((out / "tb").iterdir()), "TensorBoard event files"
     assert "initialised as upstream's init_weights" in (out / "log.txt").read_text()
     # The exported EMA loads as a decoder and as a released-layout file.

@@ -6,7 +6,8 @@ A run lives in one directory:
   checkpoints/<step>/   Orbax train state + data position (`checkpoint.TrainCheckpointer`)
   metrics.jsonl         one JSON object per step (loss, loss_fm, loss_rgb, grad_norm, skipped, lr, steps/s)
   tb/                   TensorBoard event files (when tensorboardX is installed)
-  samples/step_<n>.png  periodic decodes of a fixed batch with the EMA weights (the 4-step sampler)
+  samples/step_<n>.png  periodic decodes of a fixed batch with the EMA weights (the 4-step sampler; a teacher
+                        run: DPM-Solver++ with the preset's guidance, as upstream samples its teachers)
   log.txt               the run's messages (initialised keys of a teacher init, resumes, saves)
   final/                the EMA weights at the end: a converted directory and model_ema_bf16.pth
 
@@ -424,6 +425,9 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
     metrics_out = _Metrics(out, start, primary)
     bar = _Progress(opts.steps, start, opts.log_every)
     sample_batch, sampler = None, None
+    negative = (
+        _sample_negative(preset, null, gemma_encode, log) if opts.stage == "teacher" and opts.sample_every else None
+    )
     last: dict[str, Any] = {}
     log(
         f"training {preset.name} ({opts.stage}) {h}x{w}, batch {opts.batch} on mesh {mesh_shape[0]}x{mesh_shape[1]} "
@@ -451,7 +455,7 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
                     ckpt.save(done, state, {"data": batches.state()}, force=True)
                     _kill_hook(done)
                 if opts.sample_every and primary and (done % opts.sample_every == 0 or done == opts.steps):
-                    sampler = sampler or _Sampler(graphdef, preset, sample_batch)
+                    sampler = sampler or _Sampler(graphdef, preset, sample_batch, opts.stage, negative)
                     sampler.write(state, out / "samples" / f"step_{done:07d}.png")
         ckpt.wait()
         if opts.export and primary and start < opts.steps:
@@ -465,19 +469,28 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
 
 
 class _Sampler:
-    """Decodes the run's first sample with the EMA weights (the 4-step sampler, sigma 0) on this process's first
-    device and writes [decoded | target] as a PNG. Compiled once per run."""
+    """Decodes the run's first sample with the EMA weights (sigma 0) on this process's first device and writes
+    [decoded | target] as a PNG. Compiled once per run. The distilled 4-step sampler, except for a teacher run:
+    the undistilled sampler (DPM-Solver++ with guidance against `negative`), with the preset's settings, or
+    upstream's teacher settings for a preset that has none."""
 
-    def __init__(self, graphdef, preset: Preset, batch: dict[str, np.ndarray]):
-        from pid_jax.decoder import decode
+    def __init__(self, graphdef, preset: Preset, batch: dict[str, np.ndarray], stage: str = "full", negative=None):
+        from pid_jax import teacher_sampler as ts
+        from pid_jax.decoder import decode, decode_teacher
 
         self.graphdef, self.preset, self.batch = graphdef, preset, batch
         _, _, h, w = batch["x0"].shape
         steps = min(4, len(preset.sampler.t_list) - 1)
+        sp = teacher_sampler_spec(preset) if stage == "teacher" else None
+        self.sampler = "student" if sp is None else f"dpmpp {sp.steps} steps, cfg {sp.cfg_scale:g}"
+        schedule = None if sp is None else ts.dpmpp_schedule(sp.steps, sp.shift_for(h, w))
 
         def run(graph, params, z, y):
             model = nnx.merge(graph, params)
             zero = jnp.zeros((z.shape[0],), jnp.float32)
+            if sp is not None:
+                kw = dict(height=h, width=w)
+                return decode_teacher(model, z, y, negative, zero, jax.random.key(0), schedule, sp.cfg_scale, **kw)
             return decode(model, z, y, zero, jax.random.key(0), height=h, width=w, steps=steps)
 
         self._graph = None
@@ -496,8 +509,32 @@ class _Sampler:
                 self._jit = jax.jit(lambda p, z, y: self._run(graph, p, z, y))
             img = self._jit(params, jnp.asarray(self.batch["z"]), jnp.asarray(self.batch["y"]))
         pair = np.concatenate([to_uint8(np.asarray(img)), to_uint8(self.batch["x0"])], axis=2)  # [B, H, W, 3]
-        settings = json.dumps({"preset": self.preset.name, "weights": "ema", "layout": "decoded | target"})
+        settings = {"preset": self.preset.name, "weights": "ema", "layout": "decoded | target", "sampler": self.sampler}
+        settings = json.dumps(settings)
         write_pngs(pair, [path], {"pid-jax": settings})
+
+
+def teacher_sampler_spec(preset: Preset):
+    """The sampler a teacher's samples use: the preset's when it is the undistilled one, else upstream's teacher
+    settings (the v1.5 teachers': DPM-Solver++, 25 steps, CFG 5, dynamic shift, the negative prompt)."""
+    if preset.sampler.kind == "dpmpp":
+        return preset.sampler
+    return load_config("flux_2kto4k_v1pt5_undistilled").sampler
+
+
+def _sample_negative(preset: Preset, null: np.ndarray, encode, log) -> np.ndarray | None:
+    """The unconditional caption of a teacher's sample decodes [1, L, D]: upstream's negative prompt (with the CHI
+    prompt) when a caption encoder is loaded, else the run's null caption (said in the log)."""
+    sp = teacher_sampler_spec(preset)
+    if sp.cfg_scale == 1.0:
+        return None
+    if encode is not None:
+        return np.asarray(encode([sp.negative_prompt]), np.float32)
+    log(
+        "sample decodes: no --gemma, so the guidance's unconditional branch is the null caption (upstream: the "
+        "negative prompt)"
+    )
+    return np.asarray(null, np.float32)[None]
 
 
 def _export_final(graphdef, state, preset: Preset, dest: Path, log: _Log) -> None:
