@@ -56,8 +56,10 @@ def adapter_flops(cfg: PidNetConfig, batch: int, height: int, width: int) -> flo
     return float(convs + heads)
 
 
-def decode_flops(cfg: PidNetConfig, batch: int, height: int, width: int, steps: int) -> float:
-    return steps * forward_flops(cfg, batch, height, width) + adapter_flops(cfg, batch, height, width)
+def decode_flops(cfg: PidNetConfig, batch: int, height: int, width: int, steps: int, guided: bool = False) -> float:
+    """A decode's FLOPs: `steps` network evaluations, each two forwards when guided (the adapter runs once)."""
+    forwards = steps * (2 if guided else 1)
+    return forwards * forward_flops(cfg, batch, height, width) + adapter_flops(cfg, batch, height, width)
 
 
 def device_peak_tflops(device: Any) -> float | None:
@@ -90,7 +92,11 @@ def _time_one(dec: PiDDecoder, preset, batch: int, h: int, w: int, args: argpars
     rng = np.random.default_rng(0)
     z = rng.standard_normal((batch, preset.latent.channels, h // scale, w // scale), dtype=np.float32)
     y = rng.standard_normal((batch, cfg.txt_max_length, cfg.txt_embed_dim), dtype=np.float32)
-    kw = dict(sigma=0.1, steps=args.steps, seed=0)
+    steps, _, scale = dec.sampler_settings(args.steps, None, getattr(args, "cfg_scale", None))
+    kw = dict(sigma=0.1, steps=steps, seed=0)
+    guided = dec.is_teacher and scale != 1.0
+    if dec.is_teacher:  # the undistilled sampler: guidance against a (random) negative-prompt embedding
+        kw.update(cfg_scale=scale, negative_embeddings=rng.standard_normal((1, *y.shape[1:]), dtype=np.float32))
     dec.decode_array(z, y, **kw)  # compile + warm-up
     compile_s, trace_s, first_s = dec.timings["compile_s"], dec.timings["trace_s"], dec.timings["decode_s"]
     times = []
@@ -98,7 +104,7 @@ def _time_one(dec: PiDDecoder, preset, batch: int, h: int, w: int, args: argpars
         dec.decode_array(z, y, **kw)
         times.append(dec.timings["decode_s"])
     median_s = statistics.median(times)
-    flops = decode_flops(cfg, batch, h, w, args.steps)
+    flops = decode_flops(cfg, batch, h, w, steps, guided)
     peak_tf = device_peak_tflops(jax.devices()[0])
     return {
         "batch": batch,
@@ -112,7 +118,7 @@ def _time_one(dec: PiDDecoder, preset, batch: int, h: int, w: int, args: argpars
         "images_per_s": round(batch / median_s, 3),
         "estimate_bytes": estimate_decode_bytes(
             cfg,
-            batch,
+            batch * (2 if guided else 1),  # a guided evaluation runs both branches as one batch
             h,
             w,
             jnp.dtype(dec.dtype).itemsize,
@@ -146,6 +152,8 @@ def run_bench(args: argparse.Namespace, progress: Callable[[str], None] = print)
     dec = PiDDecoder(preset, model, progress=progress, pixel_chunk=chunk)
     if args.mesh:
         dec.set_mesh(args.mesh)
+    steps, _, scale = dec.sampler_settings(args.steps, None, getattr(args, "cfg_scale", None))
+    sampler = f"DPM-Solver++ {steps} steps, CFG {scale:g}" if dec.is_teacher else f"student {steps} steps"
     device = jax.devices()[0]
     runs = []
     for b in batches:
@@ -156,7 +164,8 @@ def run_bench(args: argparse.Namespace, progress: Callable[[str], None] = print)
         "device": f"{device.platform}:{getattr(device, 'device_kind', '')} x{len(jax.devices())}",
         "preset": preset.name,
         "size": f"{h}x{w}",
-        "steps": args.steps,
+        "steps": steps,
+        "sampler": sampler,
         "dtype": args.dtype,
         "attn": args.attn,
         "pixel_chunk": chunk,
@@ -175,15 +184,16 @@ def run_bench(args: argparse.Namespace, progress: Callable[[str], None] = print)
             preset,
             size=(h, w),
             batch=batches[0],
-            steps=args.steps,
+            steps=steps,
             dtype=args.dtype,
+            cfg_scale=scale if dec.is_teacher else None,
             repeats=args.repeats,
             python=args.torch_python,
             checkpoint=args.checkpoint,
         )
         result["torch"] = ref
         result["speedup_vs_torch"] = round(ref["median_s"] / result["median_s"], 3)
-    print(f"pid-jax bench  {result['device']}  {preset.name}  {h}x{w}  {args.steps} steps")
+    print(f"pid-jax bench  {result['device']}  {preset.name}  {h}x{w}  {sampler}")
     print(f"  dtype {args.dtype}, attention {args.attn}, pixel chunk {chunk}, mesh {result['mesh'] or 'none'}")
     for r in runs:
         frac = f" ({r['fraction_of_peak']:.0%} of peak)" if r["fraction_of_peak"] else ""

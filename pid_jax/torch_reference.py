@@ -32,7 +32,7 @@ from pid_jax.errors import CheckpointError, InputError, PidError
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 _UPSTREAM_FILE = Path("pid") / "_src" / "networks" / "pid_net.py"
 _TIMESCALE = 1000.0  # upstream's flow-matching timescale: the network sees t * 1000
-_INSTALL_HINT = "install torch==2.13.0, numpy, loguru and pynvml, or pass --torch-python"
+_INSTALL_HINT = "install torch==2.13.0, numpy, loguru, pynvml and tqdm, or pass --torch-python"
 
 
 # --- driver side (pid-jax's environment; no torch) ---------------------------------------------------
@@ -248,8 +248,14 @@ def time_reference(
     threads: int | None = None,
     seed: int = 0,
     timeout: float | None = None,
+    cfg_scale: float | None = None,
 ) -> dict[str, Any]:
     """Time upstream's student sampler (`steps` network calls) and return the worker's JSON dict.
+
+    With `cfg_scale` (an undistilled preset) it times upstream's own teacher sampler instead: `pid._src.modules.
+    dpmsolver.DPMS` (multistep DPM-Solver++, order min(steps, 2), flow schedule, the preset's shift rule at this
+    size) with classifier-free guidance, the model function being `PidModel._cfg_model_fn`'s two calls of B
+    (unconditional on a random negative-prompt embedding, then conditional; both with the LQ latent).
 
     Random weights (torch's default init, seeded) unless `checkpoint` is given. The loop follows
     upstream `_student_sample_loop`: x0 = x - t v in float64, then x = (1 - t_next) x0 + t_next eps;
@@ -273,7 +279,17 @@ def time_reference(
         raise PidError(problem)
     name, kwargs, scale = _network_kwargs(preset)
     h, w = _check_size(size, kwargs, scale, batch)
-    t_list = [float(v) for v in t_schedule(steps)]
+    teacher: dict[str, Any] = {}
+    if cfg_scale is not None:
+        from pid_jax.config import Preset, load_config
+        from pid_jax.teacher_sampler import orders
+
+        orders(steps)  # validates the step count
+        p = preset if isinstance(preset, Preset) else load_config(preset)
+        teacher = {"sampler": "dpmpp", "cfg_scale": float(cfg_scale), "shift": p.sampler.shift_for(h, w)}
+        t_list = []
+    else:
+        t_list = [float(v) for v in t_schedule(steps)]
     payload = {
         "cmd": "time",
         "upstream": str(Path(upstream_dir).resolve()),
@@ -287,6 +303,8 @@ def time_reference(
         "device": device,
         "threads": threads,
         "seed": seed,
+        "steps": steps,
+        **teacher,
     }
     r = _run_worker(py, payload, timeout)
     if not r.get("ok"):
@@ -470,8 +488,12 @@ def _worker_time(a: dict[str, Any]) -> dict[str, Any]:
     sigma = torch.zeros(b, device=dev)
     t_list = torch.tensor(a["t_list"], dtype=torch.float32, device=dev)
     use_autocast = a["dtype"] == "bfloat16"
+    if a.get("sampler") == "dpmpp":
+        sample = _upstream_teacher_sampler(torch, a, net, y, z, sigma, gen, dev, b, h, w, use_autocast)
+    else:
+        sample = None
 
-    def sample():
+    def student_sample():
         # upstream _student_sample_loop (SDE, velocity); one step is the single call at t = 1.0
         x = torch.randn(b, 3, h, w, device=dev, generator=gen)
         ctx = torch.autocast(dev, dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
@@ -486,6 +508,8 @@ def _worker_time(a: dict[str, Any]) -> dict[str, Any]:
                 else:
                     x = x0
         return x.clamp(-1, 1)
+
+    sample = sample or student_sample
 
     def timed():
         if dev == "cuda":
@@ -520,8 +544,11 @@ def _worker_time(a: dict[str, Any]) -> dict[str, Any]:
         "device": name,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "steps": len(a["t_list"]) - 1,
+        "steps": int(a.get("steps") or len(a["t_list"]) - 1),
         "t_list": a["t_list"],
+        "sampler": a.get("sampler", "student"),
+        "cfg_scale": a.get("cfg_scale"),
+        "shift": a.get("shift"),
         "size": [h, w],
         "batch": b,
         "dtype": a["dtype"],
@@ -529,6 +556,54 @@ def _worker_time(a: dict[str, Any]) -> dict[str, Any]:
         "finite": finite,
         "params": sum(p.numel() for p in net.parameters()),
     }
+
+
+def _upstream_teacher_sampler(torch, a, net, y, z, sigma, gen, dev, b, h, w, use_autocast):
+    """Upstream's own teacher sampler on `net`: DPMS from pid._src.modules.dpmsolver, as
+    `PidModel.generate_samples_from_batch` configures it, with its two-call CFG model function."""
+    import contextlib
+
+    os.environ.setdefault("DPM_TQDM", "True")  # upstream's switch that turns its progress bar off
+    try:
+        from pid._src.modules.dpmsolver import DPMS  # optional reference path
+    except Exception as e:
+        raise _WorkerFailure(f"upstream DPMS does not import: {type(e).__name__}: {e}", missing="upstream") from None
+    cfg_scale, steps, shift = float(a["cfg_scale"]), int(a["steps"]), float(a["shift"])
+    y_null = torch.randn(1, *y.shape[1:], device=dev, generator=gen)  # stands for the negative prompt
+
+    def forward(x, timestep, y, mask=None, **kw):  # PidModel's _forward_fn (cfg_scale 1)
+        y = y.squeeze(1) if y.dim() == 4 else y
+        return net(x, timestep, y, lq_video_or_image=None, lq_latent=z, degrade_sigma=sigma)
+
+    def cfg_forward(x, timestep, y, mask=None, **kw):  # PidModel's _cfg_model_fn: [uncond; cond], two calls of B
+        half = x.shape[0] // 2
+        y = y.squeeze(1) if y.dim() == 4 else y
+        kw = dict(lq_video_or_image=None, lq_latent=z, degrade_sigma=sigma)
+        u = net(x[:half], timestep[:half], y[:half], **kw)
+        c = net(x[half:], timestep[half:], y[half:], **kw)
+        return torch.cat([u, c], dim=0)
+
+    def sample():
+        x = torch.randn(b, 3, h, w, device=dev, generator=gen)
+        ctx = torch.autocast(dev, dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
+        with ctx:
+            solver = DPMS(
+                cfg_forward if cfg_scale != 1.0 else forward,
+                condition=y.unsqueeze(1),
+                uncondition=y_null.unsqueeze(1).repeat(b, 1, 1, 1),
+                cfg_scale=cfg_scale,
+                model_type="flow",
+                guidance_type="classifier-free",
+                model_kwargs={},
+                schedule="FLOW",
+                interval_guidance=[0, 1],
+            )
+            out = solver.sample(
+                x, steps=steps, order=min(steps, 2), skip_type="time_uniform_flow", method="multistep", flow_shift=shift
+            )
+        return out.clamp(-1, 1)
+
+    return sample
 
 
 _COMMANDS = {"probe": _worker_probe, "dump": _worker_dump, "time": _worker_time}
