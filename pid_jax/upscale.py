@@ -208,8 +208,8 @@ class PiDUpscaler:
         *,
         sigma: float = 0.0,
         seed: int = 0,
-        steps: int = 4,
-        mode: str = "sde",
+        steps: int | None = None,
+        mode: str | None = None,
         crop: bool = True,
         alpha: str = "refuse",
     ) -> Upscaled:
@@ -270,8 +270,8 @@ class PiDUpscaler:
         *,
         sigma: float = 0.0,
         seed: int = 0,
-        steps: int = 4,
-        mode: str = "sde",
+        steps: int | None = None,
+        mode: str | None = None,
         crop: bool = True,
         alpha: str = "refuse",
     ) -> list[np.ndarray] | np.ndarray:

@@ -347,3 +347,31 @@ def offline(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     for obj, name in ((socket.socket, "connect"), (socket, "create_connection"), (socket, "getaddrinfo")):
         mp.setattr(obj, name, refuse)
+
+
+def test_negative_prompt_goes_through_the_caption_encoder_once(tmp_path: Path) -> None:
+    """A guided decode from captions: the negative prompt is encoded by the same Gemma-2 path (CHI prompt and
+    all), once per decoder, and the unconditional branch uses exactly that embedding."""
+    from test_prompt_decode import _gemma_dir
+
+    from pid_jax.decoder import PiDDecoder
+    from pid_jax.gemma.encoder import CaptionEncoder
+    from pid_jax.modeling import init_pidnet
+
+    demo = load_preset("demo")  # txt_embed_dim 64 = the fixture Gemma's hidden size
+    spec = dataclasses.replace(load_preset("flux_2kto4k_v1pt5_undistilled").sampler, steps=2)
+    preset = dataclasses.replace(demo, sampler=spec)
+    enc = CaptionEncoder.from_pretrained(_gemma_dir(tmp_path), dtype="float32")
+    calls: list[list[str]] = []
+    encode = enc.encode
+    enc.encode = lambda captions, **k: calls.append(list(captions)) or encode(captions, **k)
+    dec = PiDDecoder(preset, init_pidnet(demo.network, seed=1), caption_encoder=enc)
+    z = np.random.default_rng(0).standard_normal((1, demo.latent.channels, 4, 4)).astype(np.float32)
+    a = dec.decode_array(z, captions=["a red fox"], seed=0)
+    b = dec.decode_array(z, captions=["a red fox"], seed=0)
+    assert calls == [["a red fox"], [spec.negative_prompt], ["a red fox"]]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    neg = encode([spec.negative_prompt])
+    c = dec.decode_array(z, captions=["a red fox"], seed=0, negative_embeddings=neg)
+    assert np.array_equal(np.asarray(a), np.asarray(c))
+    assert "User Prompt: " in "\n".join(enc.chi_lines)  # the CHI prompt precedes every caption, negative included

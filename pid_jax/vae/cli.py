@@ -133,12 +133,15 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     else:
         all_emb = up.caption_embeddings(len(loaded), caption_embeddings=emb)
 
+    steps, mode, _ = up.decoder.sampler_settings(args.steps, args.mode)  # the preset's sampler unless given
     bar = ProgressBar(len(loaded))
     for i, ((im, box), name) in enumerate(zip(loaded, names, strict=True)):
         seed = args.seed + i
-        r = up.upscale_one(im, all_emb[i], sigma=args.sigma, seed=seed, steps=args.steps, mode=args.mode)
+        r = up.upscale_one(im, all_emb[i], sigma=args.sigma, seed=seed, steps=steps, mode=mode)
         meta = _settings(
             args,
+            steps=steps,
+            mode=mode,
             source=im.source,
             crop_box=list(box),
             seed=seed,
@@ -245,9 +248,9 @@ def register(sub) -> None:
     s.add_argument("--gemma", help="caption encoder directory or repo id")
     s.add_argument("--free-encoder", action="store_true", help="release the caption encoder before decoding")
     s.add_argument("--sigma", type=float, default=0.0, help="forward-noise the clean latent to sigma first")
-    s.add_argument("--steps", type=int, default=4)
+    s.add_argument("--steps", type=int, help="PiD sampler steps (default: the preset's)")
     s.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    s.add_argument("--mode", default="sde", choices=("sde", "ode"))
+    s.add_argument("--mode", choices=("sde", "ode"), help="distilled sampler mode (default: the preset's, sde)")
     s.add_argument("--mesh", type=_mesh_arg)
     s.add_argument("--compare", action="store_true", help="also write <name>_compare.png: VAE decode | bicubic | PiD")
     s.add_argument("--alpha", choices=("refuse", "white", "black"), default="refuse", help=ALPHA_HELP)
