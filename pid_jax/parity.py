@@ -37,11 +37,10 @@ class Row(NamedTuple):
     shape: tuple[int, ...]
     rel_l2: float
     max_abs: float
-    metric: str = "rel"  # what `report_bounded` holds against the bound: "rel" (rel_l2) or "abs" (max_abs)
 
-    @property
-    def value(self) -> float:
-        return self.max_abs if self.metric == "abs" else self.rel_l2
+
+class AbsBound(float):
+    """A bound `report_bounded` holds a row's max_abs to (a plain float bounds its rel_l2)."""
 
 
 def compare(name: str, ours, ref) -> Row:
@@ -78,31 +77,35 @@ def report(rows: list[Row], bound: float, bounds: list[float] | None = None) -> 
 def report_bounded(rows: list[Row], bounds: list[float]) -> tuple[bool, str]:
     """Each row against its own bound (0: exact). The last line names the row closest to its bound:
     `PASS worst=<row> rel_l2=<v> bound=<b>`, or the first row over it: `FAIL <row> rel_l2=<v> bound=<b>`.
-    A row with metric "abs" is held to its bound on max_abs (marked `(abs)`, and named `max_abs=` there)."""
+    A row whose bound is an `AbsBound` is held to it on max_abs (marked `(abs)`, and named `max_abs=` there)."""
     if not rows:
         return False, "FAIL nothing rel_l2=nan bound=nan"
 
-    def ratio(r: Row, b: float) -> float:
-        if not np.isfinite(r.value):
-            return float("inf")
-        return r.value / b if b > 0 else (0.0 if r.value == 0 else float("inf"))
+    def value(r: Row, b: float) -> float:
+        return r.max_abs if isinstance(b, AbsBound) else r.rel_l2
 
-    def named(r: Row) -> str:
-        return f"{'max_abs' if r.metric == 'abs' else 'rel_l2'}={r.value:.3e}"
+    def ratio(r: Row, b: float) -> float:
+        v = value(r, b)
+        if not np.isfinite(v):
+            return float("inf")
+        return v / b if b > 0 else (0.0 if v == 0 else float("inf"))
+
+    def named(r: Row, b: float) -> str:
+        return f"{'max_abs' if isinstance(b, AbsBound) else 'rel_l2'}={value(r, b):.3e}"
 
     w = max(len(r.name) for r in rows)
     lines = [f"{'tensor':<{w}}  {'shape':<22} {'rel_l2':>10} {'bound':>8} {'max_abs':>10}"]
     for r, b in zip(rows, bounds, strict=True):
-        flag = (" (abs)" if r.metric == "abs" else "") + ("" if ratio(r, b) <= 1 else "  <-- over bound")
+        flag = (" (abs)" if isinstance(b, AbsBound) else "") + ("" if ratio(r, b) <= 1 else "  <-- over bound")
         cols = f"{r.rel_l2:>10.3e} {_bound(b):>8} {r.max_abs:>10.3e}"
         lines.append(f"{r.name:<{w}}  {str(list(r.shape)):<22} {cols}{flag}")
     over = [(r, b) for r, b in zip(rows, bounds, strict=True) if ratio(r, b) > 1]
     if over:
         r, b = over[0]
-        lines.append(f"FAIL {r.name} {named(r)} bound={b:g}")
+        lines.append(f"FAIL {r.name} {named(r, b)} bound={b:g}")
         return False, "\n".join(lines)
     r, b = max(zip(rows, bounds, strict=True), key=lambda rb: ratio(*rb))
-    lines.append(f"PASS worst={r.name} {named(r)} bound={b:g}")
+    lines.append(f"PASS worst={r.name} {named(r, b)} bound={b:g}")
     return True, "\n".join(lines)
 
 

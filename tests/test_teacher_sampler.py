@@ -375,3 +375,15 @@ def test_negative_prompt_goes_through_the_caption_encoder_once(tmp_path: Path) -
     c = dec.decode_array(z, captions=["a red fox"], seed=0, negative_embeddings=neg)
     assert np.array_equal(np.asarray(a), np.asarray(c))
     assert "User Prompt: " in "\n".join(enc.chi_lines)  # the CHI prompt precedes every caption, negative included
+
+
+def test_absolute_bounds_in_the_report() -> None:
+    """Grid rows are held to an absolute bound on max_abs; a row over it fails by name."""
+    from pid_jax.parity import AbsBound, Row, report_bounded
+
+    rows = [Row("t_grid", (7,), 1e-9, 2e-7), Row("run.out", (1,), 1e-4, 1.0)]
+    ok, text = report_bounded(rows, [AbsBound(3e-7), 1e-3])
+    assert ok and text.splitlines()[1].endswith("(abs)") and " 1.5e-04 " not in text
+    assert text.splitlines()[-1] == "PASS worst=t_grid max_abs=2.000e-07 bound=3e-07"
+    ok, text = report_bounded([Row("t_net", (6,), 1e-9, 2e-4)], [AbsBound(1.5e-4)])
+    assert not ok and " 1.5e-04 " in text and text.splitlines()[-1] == "FAIL t_net max_abs=2.000e-04 bound=0.00015"

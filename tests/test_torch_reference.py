@@ -47,7 +47,7 @@ def test_python_without_torch(fake_upstream: Path) -> None:
     if not HAS_TORCH:  # the project's environment: the message names what to install
         assert msg == (
             f"torch is not importable in {sys.executable}: "
-            "install torch==2.13.0, numpy, loguru and pynvml, or pass --torch-python"
+            "install torch==2.13.0, numpy, loguru, pynvml and tqdm, or pass --torch-python"
         )
     else:  # torch present, but the fake checkout's PidNet does not import
         assert "upstream PidNet does not import" in msg or "is not importable" in msg

@@ -229,6 +229,8 @@ def test_vae_kind_for_backbone() -> None:
     assert {b: vae_kind_for_backbone(b) for b in backbones if BACKBONE_VAE[b]} == {
         "flux": "flux", "zimage": "flux", "zimage-turbo": "flux", "sd3": "sd3", "sdxl": "sdxl", "flux2": "flux2",
         "flux2-klein-4b": "flux2", "flux2-klein-9b": "flux2", "qwenimage": "qwenimage", "qwenimage-2512": "qwenimage",
+        "boogu": "flux", "flux1": "flux", "krea2": "qwenimage", "ernie-image": "flux2", "ernie-image-turbo": "flux2",
+        "ideogram4": "flux2",
     }  # fmt: skip
     for b in ("dinov2", "siglip"):
         with pytest.raises(ConfigError, match=f"backbone '{b}' consumes representation-encoder features"):

@@ -34,6 +34,13 @@ BACKBONE_VAE: dict[str, str | None] = {
     "qwenimage-2512": "qwenimage",
     "dinov2": None,
     "siglip": None,
+    # generators that write a released latent (pid_jax.hub.BACKBONE_SOURCES says where each mapping comes from)
+    "boogu": "flux",
+    "flux1": "flux",
+    "krea2": "qwenimage",
+    "ernie-image": "flux2",
+    "ernie-image-turbo": "flux2",
+    "ideogram4": "flux2",
 }
 
 
