@@ -39,6 +39,7 @@ from pid_jax.config import Preset, load_config
 from pid_jax.convert.pidnet import ConversionReport, expected_shapes, load_into, map_state_dict
 from pid_jax.convert.torch_checkpoint import load_state_dict
 from pid_jax.errors import CheckpointError, InputError, PidError
+from pid_jax.files import absolute
 from pid_jax.modeling import PidNet, abstract_pidnet
 
 FORMAT_VERSION = 1
@@ -161,7 +162,7 @@ def write_converted(
     overwrite: bool = False,
 ) -> Path:
     """Write a converted directory atomically (temporary sibling, then rename)."""
-    out = Path(out_dir).absolute()
+    out = absolute(out_dir)  # Orbax wants absolute paths
     if out.exists() and not overwrite:
         raise PidError(f"{out} already exists (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -324,7 +325,7 @@ def load_converted(d: str | os.PathLike) -> tuple[Preset, dict[str, np.ndarray]]
     }
     try:
         with _silence_orbax():
-            restored = ocp.StandardCheckpointer().restore(d / "params", _tree(abstract))
+            restored = ocp.StandardCheckpointer().restore(absolute(d / "params"), _tree(abstract))
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
         raise CheckpointError(
             f"{d}: cannot restore params ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
@@ -435,7 +436,7 @@ def load_cached(
 ) -> PidNet:
     """Load `ckpt` through its conversion cache: convert once, then reuse; rebuild a stale or damaged entry."""
     resolve_dtype(dtype)
-    ckpt = Path(ckpt).absolute()  # stat() follows the Hub cache's snapshot symlink to the blob
+    ckpt = absolute(ckpt)  # stat() follows the Hub cache's snapshot symlink to the blob
     d = cache_dir_for(ckpt, preset)
     with file_lock(d.with_name(d.name + ".lock")):
         _remove_leftovers(d, progress)

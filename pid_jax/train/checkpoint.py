@@ -23,6 +23,7 @@ from typing import Any
 import jax
 
 from pid_jax.errors import CheckpointError
+from pid_jax.files import absolute
 
 
 @contextlib.contextmanager
@@ -42,7 +43,7 @@ class TrainCheckpointer:
     def __init__(self, run_dir: str | os.PathLike, save_every: int, max_to_keep: int | None = 3, async_save=True):
         import orbax.checkpoint as ocp
 
-        self.directory = Path(run_dir).absolute() / "checkpoints"
+        self.directory = absolute(run_dir) / "checkpoints"  # Orbax wants absolute paths
         self.save_every = int(save_every)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,

@@ -42,6 +42,7 @@ from jax.sharding import PartitionSpec as P
 
 from pid_jax.config import Preset, load_config
 from pid_jax.errors import CheckpointError, InputError
+from pid_jax.files import absolute
 from pid_jax.sharding import DATA, SEQ, make_mesh
 from pid_jax.train import data as data_lib
 from pid_jax.train.config import TrainConfig
@@ -367,7 +368,7 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
     latent_shape = (cfg.lq_latent_channels, h // scale, w // scale) if latent_mode == "precomputed" else None
     spec = data_lib.DataSpec(h, w, tuple(null.shape), latent_shape)
     data_lib.check(records, spec)
-    out = Path(opts.out).absolute()
+    out = absolute(opts.out)
     ident = _identity(opts, preset, tcfg, latent_mode)
     _check_run_dir(out, ident, opts.resume)
 
