@@ -26,7 +26,7 @@ from pid_jax.config import STUDENT_T_LIST, Preset
 from pid_jax.errors import InputError
 from pid_jax.memory import check_fits
 from pid_jax.modeling import PidNet
-from pid_jax.weights import load_cached, load_model
+from pid_jax.weights import load_cached, load_model, with_preset_tiling
 
 
 def decode(
@@ -41,16 +41,19 @@ def decode(
     steps: int = 4,
     mode: str = "sde",
     t_list: Sequence[float] = STUDENT_T_LIST,
-    tile: int | None = None,
-    tile_overlap: int = 0,
+    tile: int | str | None = "preset",
+    tile_overlap: int | None = None,
 ) -> jax.Array:
     """Decode latents [B, C, h, w] to images [B, 3, height, width] in [-1, 1]. Pure: jit/vmap-safe.
 
     With `tile` (output pixels), an image larger than the tile is decoded as overlapping tiles of that
     size, each with its own key (`tile_keys`), in one batch, and blended (`tiled_decode`): for networks
-    trained at a single size. `PiDDecoder` runs the same tiles in fixed-size chunks instead, so one program
+    trained at a single size. The default, "preset", is the tiling of the model's preset (`PidNet.trained_tile`,
+    set by every loader: `sampler.tile` and `tile_overlap`), so this gives what `PiDDecoder` gives; `tile=None`
+    decodes the whole image at once. `PiDDecoder` runs the same tiles in fixed-size chunks instead, so one program
     serves every image size; the result is the same (per-tile keys make it independent of the batching).
     """
+    tile, tile_overlap = _tiling(model, tile, tile_overlap)
     lay = tiled_decode.layout(latents.shape[2:], height, width, tile, tile_overlap, model.cfg.patch_size)
     if lay is not None:
         z = lay.split(latents)
@@ -63,6 +66,17 @@ def decode(
         return lay.blend(tiles, height, width)
     noise, draw = sampler.random_draws(key, (latents.shape[0], model.cfg.in_channels, height, width))
     return _sample(model, latents, caption_embeddings, sigma, noise, draw, height, width, steps, mode, t_list)
+
+
+def _tiling(model: PidNet, tile: int | str | None, overlap: int | None) -> tuple[int | None, int]:
+    if isinstance(tile, str):
+        if tile != "preset":
+            raise InputError(f"tile={tile!r}: expected 'preset', None (no tiling) or a tile side in output pixels")
+        trained = getattr(model, "trained_tile", None)
+        if trained is None:
+            return None, 0
+        return trained[0], trained[1] if overlap is None else overlap
+    return tile, 0 if overlap is None else overlap
 
 
 def tile_keys(key: jax.Array, index: jax.Array) -> jax.Array:
@@ -234,7 +248,7 @@ class PiDDecoder:
         self.pixel_chunk = pixel_chunk
         self.preset = preset
         self.cfg = preset.network
-        self.graphdef, self.params = nnx.split(model)
+        self.graphdef, self.params = nnx.split(with_preset_tiling(model, preset))
         self.dtype = model.dtype
         self.caption_encoder = caption_encoder
         self.progress = progress or (lambda _msg: None)

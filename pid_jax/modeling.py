@@ -41,6 +41,9 @@ class PidNet(nnx.Module):
         self.cfg = cfg
         # Training sets this: recompute each block's activations in the backward pass (less memory).
         self.remat = False
+        # (tile, overlap) in output pixels of a network trained at one size (its preset's sampler.tile): the
+        # loaders set it, and `decoder.decode` then tiles larger images by default, as PiDDecoder does.
+        self.trained_tile: tuple[int, int] | None = None
         c, hid, ps = cfg.in_channels, cfg.hidden_size, cfg.patch_size
         self.pixel_embedder = PixelTokenEmbedder(c, cfg.pixel_hidden_size, rngs=rngs)
         self.s_embedder = PatchTokenEmbedder(c * ps * ps, hid, rngs=rngs)

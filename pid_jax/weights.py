@@ -72,7 +72,16 @@ def read_checkpoint(path: str | os.PathLike, preset: Preset) -> tuple[dict[str, 
 
 
 def build_model(preset: Preset, mapped: dict[str, np.ndarray], dtype="float32", attn_impl: str = "auto") -> PidNet:
-    return load_into(abstract_pidnet(preset.network, attn_impl), mapped, resolve_dtype(dtype))
+    model = load_into(abstract_pidnet(preset.network, attn_impl), mapped, resolve_dtype(dtype))
+    return with_preset_tiling(model, preset)
+
+
+def with_preset_tiling(model: PidNet, preset: Preset) -> PidNet:
+    """Record the preset's trained tile on the model (`PidNet.trained_tile`), so the functional `decode` tiles
+    as `PiDDecoder` does."""
+    sp = preset.sampler
+    model.trained_tile = None if sp.tile is None else (int(sp.tile), int(sp.tile_overlap))
+    return model
 
 
 def load_model(
