@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pid_jax import hub, sampler, tiled_decode
+from pid_jax import hub, sampler, sharding, tiled_decode
 from pid_jax import teacher_sampler as ts
 from pid_jax.config import STUDENT_T_LIST, Preset
 from pid_jax.errors import InputError
@@ -53,6 +53,7 @@ def decode(
     decodes the whole image at once. `PiDDecoder` runs the same tiles in fixed-size chunks instead, so one program
     serves every image size; the result is the same (per-tile keys make it independent of the batching).
     """
+    sharding.check_context_mesh()  # a caller's mesh of another kind: one line, before any layer is traced
     tile, tile_overlap = _tiling(model, tile, tile_overlap)
     lay = tiled_decode.layout(latents.shape[2:], height, width, tile, tile_overlap, model.cfg.patch_size)
     if lay is not None:
@@ -140,6 +141,7 @@ def decode_teacher(
     """An undistilled (teacher) network's decode: upstream's DPM-Solver++ with guidance against
     `negative_embeddings` [1 or B, L, D], over `schedule` (`teacher_sampler.dpmpp_schedule(steps, shift)`).
     Images [B, 3, height, width] in [-1, 1]. Pure: jit/vmap-safe; the schedule and the scale may be traced."""
+    sharding.check_context_mesh()
     noise = jax.random.normal(key, (latents.shape[0], model.cfg.in_channels, height, width), jnp.float32)
     s = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), (latents.shape[0],))
     return ts.sample_model(
@@ -257,11 +259,11 @@ class PiDDecoder:
         self.timings: dict[str, float] = {}
         self.mesh = None
 
-    def set_mesh(self, mesh: Any) -> PiDDecoder:
-        """Run on a ('data', 'seq') mesh: a Mesh, or a (data, seq) shape over the available devices."""
-        from pid_jax import sharding
-
-        self.mesh = sharding.make_mesh(tuple(mesh)) if isinstance(mesh, tuple | list) else mesh
+    def set_mesh(self, mesh: Any, *, batch_axis: str | None = "data", seq_axis: str | None = "seq") -> PiDDecoder:
+        """Run on several devices: a (data, seq) shape over the available devices, or a `jax.sharding.Mesh` of
+        any axis types (`jax.make_mesh`'s Explicit ones too) whose `batch_axis` splits the batch and `seq_axis`
+        the image rows (None: not split); see `sharding.pid_mesh`."""
+        self.mesh = sharding.pid_mesh(mesh, batch_axis, seq_axis)
         self.params = sharding.replicate(self.params, self.mesh)
         self._compiled.clear()
         return self
@@ -518,8 +520,6 @@ class PiDDecoder:
         """Place the inputs (on the mesh, if any), compile once per shape key, run and time."""
         mesh_ctx = contextlib.nullcontext()
         if self.mesh is not None:
-            from pid_jax import sharding
-
             sharding.check_divisible(self.mesh, z.shape[0], h // self.cfg.patch_size)
             z, y, s = (sharding.put(a, self.mesh, k) for a, k in ((z, "latent"), (y, "text"), (s, "batch")))
             mesh_ctx = jax.set_mesh(self.mesh)

@@ -136,7 +136,7 @@ def _on_mesh(state, args: list, mesh, batch: int, height: int, batch_axes: list[
         return state, args, contextlib.nullcontext()
     from pid_jax import sharding
 
-    mesh = sharding.make_mesh(tuple(mesh)) if isinstance(mesh, tuple | list) else mesh
+    mesh = sharding.pid_mesh(mesh)  # a shape, or a Mesh of any axis types with 'data' and 'seq' axes
     sharding.check_divisible(mesh, batch, height // 16)
     axes = batch_axes or [0] * len(args)
     args = [jax.device_put(a, NamedSharding(mesh, P(*([None] * ax), "data"))) for a, ax in zip(args, axes, strict=True)]
