@@ -191,3 +191,27 @@ def test_readme_shows_the_shipped_model_in_python(tmp_path: Path, monkeypatch) -
     assert ns["big"].shape == (1, 128, 128, 3) and ns["big"].dtype == np.uint8 and ns["big"].std() > 0
     assert ns["up"].decoder.preset.name == "pixel_sr4x"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_training_captions_on_a_network_without_gemma_refused_first(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`.txt` captions with --gemma (or without) on pixel_sr4x: refused before Gemma is loaded or anything written,
+    with the advice to remove the captions, never to pass --gemma."""
+    from train_helpers import make_images
+
+    from pid_jax.gemma import encoder
+
+    def no_gemma(*a, **kw):
+        raise AssertionError("the caption encoder was loaded")
+
+    monkeypatch.setattr(encoder.CaptionEncoder, "from_pretrained", staticmethod(no_gemma))
+    data = make_images(tmp_path / "data", 2, 96, 96)
+    (data / "img00.txt").write_text("a cat")
+    base = ["train", "--config", "pixel_sr4x", "--data", str(data), "--steps", "1", "--size", "96x96"]
+    for extra, flag in [(["--gemma", "gemma-dir"], "--gemma"), ([], str(data / "img00.txt"))]:
+        capsys.readouterr()
+        assert main([*base, "--out", str(tmp_path / "run"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {flag}: preset pixel_sr4x has no Gemma-2 caption stream" in err, err
+        assert "needs --gemma" not in err and "pass --gemma" not in err
+    assert "remove the 1 <stem>.txt caption file(s) from --data" in err
+    assert not (tmp_path / "run").exists()
