@@ -79,26 +79,33 @@ _mesh_arg = _pair("DxS (data x sequence)", "1x4")
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from pid_jax.config import load_preset, preset_names
+    from pid_jax.config import load_preset, local_preset_names, preset_names
+    from pid_jax.shipped import has_shipped_weights, shipped_weights
 
     # latent: the LDM latent it decodes, [C, H/f, W/f] of the LDM's image; scale: output pixels per LDM pixel;
-    # sampler: the default sampler and steps (dpmpp: with its guidance scale).
+    # sampler: the default sampler, steps and mode (dpmpp: with its guidance scale); weights: where they come from.
     rows = []
-    for name in preset_names():
+    for name in [*preset_names(), *local_preset_names()]:
         p = load_preset(name)
         if p.network.is_text_to_image:
             latent, scale = "none (text to image)", "-"
+        elif p.latent.vae_factor == 1 and p.network.latent_spatial_down_factor == 1:
+            latent, scale = f"RGB image {p.latent.channels} x H x W", f"{p.network.sr_scale}x"
         else:
             latent, scale = (
                 f"{p.latent.channels} x H/{p.latent.vae_factor} x W/{p.latent.vae_factor}",
                 f"{p.network.sr_scale}x",
             )
         sp = p.sampler
-        sampler = f"{sp.kind} {sp.steps}" + (f" cfg {sp.cfg_scale:g}" if sp.kind == "dpmpp" else "")
-        rows.append(
-            (name, p.variant, ",".join(p.backbones) or "-", latent, scale, sampler, p.hub.filename if p.hub else "")
-        )
-    head = ("preset", "variant", "backbones", "latent", "scale", "sampler", "Hub file (nvidia/PiD)")
+        sampler = f"{sp.kind} {sp.steps}" + (f" cfg {sp.cfg_scale:g}" if sp.kind == "dpmpp" else f" {sp.mode}")
+        if p.hub:
+            weights = f"nvidia/PiD {p.hub.filename}"
+        elif has_shipped_weights(name):
+            weights = f"shipped: {shipped_weights(name).name} (trained by pid-jax; not NVIDIA's)"
+        else:
+            weights = "none (layout for --random-weights)"
+        rows.append((name, p.variant or "-", ",".join(p.backbones) or "-", latent, scale, sampler, weights))
+    head = ("preset", "variant", "backbones", "latent", "scale", "sampler", "weights")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
     for r in [head, *rows]:
         print(" ".join(f"{c:<{w}}" for c, w in zip(r, widths, strict=False)) + " " + r[-1])
@@ -168,8 +175,41 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def peek_preset(backbone: str | None, variant: str, checkpoint: str | None, config: str | None):
+    """The preset a verb's --backbone/--variant, --checkpoint and --config name, read without loading weights
+    (to refuse arguments the network cannot take before anything is downloaded); None when they name none."""
+    from pid_jax.config import load_config
+
+    if config is not None:
+        return load_config(config)
+    if backbone is not None:
+        from pid_jax.hub import resolve_preset
+
+        return resolve_preset(backbone, variant)
+    if checkpoint is not None and (Path(checkpoint) / "config.json").is_file():
+        return load_config(Path(checkpoint) / "config.json")  # a converted directory (verified when loaded)
+    return None
+
+
+def check_caption_args(preset, prompt: str | None, caption_embeddings: str | None, gemma: str | None) -> bool:
+    """Refuse caption arguments the preset's network cannot take; True when the null caption (zeros) is to be used.
+
+    A network without the Gemma-2 caption stream (pixel_sr4x) takes no --prompt and no --gemma (refused before
+    any Gemma download); one with it needs exactly one of --prompt and --caption-embeddings."""
+    if preset is not None and not preset.network.gemma_captions:
+        if prompt is not None:
+            raise preset.network.no_captions_error(preset.name, "--prompt")
+        if gemma is not None:
+            raise preset.network.no_captions_error(preset.name, "--gemma")
+        return caption_embeddings is None
+    if (prompt is None) == (caption_embeddings is None):
+        raise InputError('give exactly one of --prompt ("" is upstream\'s dropped caption) and --caption-embeddings')
+    return False
+
+
 def _build_decoder(args: argparse.Namespace):
     from pid_jax.decoder import PiDDecoder
+    from pid_jax.shipped import has_shipped_weights
 
     if args.backbone and args.checkpoint:
         raise InputError("give either --backbone or --checkpoint, not both")
@@ -177,8 +217,12 @@ def _build_decoder(args: argparse.Namespace):
         return PiDDecoder.from_pretrained(
             args.backbone, args.variant, dtype=args.dtype, cache_dir=args.cache_dir, progress=_progress
         )
+    if not args.checkpoint and args.config and has_shipped_weights(args.config):
+        return PiDDecoder.shipped(args.config, dtype=args.dtype, progress=_progress)
     if not args.checkpoint:
-        raise InputError("decode needs --backbone NAME or --checkpoint FILE --config PRESET|JSON")
+        raise InputError(
+            "decode needs --backbone NAME, --checkpoint FILE --config PRESET|JSON, or --config pixel_sr4x (shipped)"
+        )
     return PiDDecoder.from_checkpoint(args.checkpoint, args.config, dtype=args.dtype, progress=_progress)
 
 
@@ -187,8 +231,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
     from pid_jax.sampler import to_uint8
     from pid_jax.teacher_sampler import is_guided
 
-    if (args.prompt is None) == (args.caption_embeddings is None):
-        raise InputError("give exactly one of --prompt and --caption-embeddings")
+    preset = peek_preset(args.backbone, args.variant, args.checkpoint, args.config)
+    null_caption = check_caption_args(preset, args.prompt, args.caption_embeddings, args.gemma)
     if args.negative_prompt is not None and args.negative_embeddings:
         raise InputError("give at most one of --negative-prompt and --negative-embeddings")
     latents = load_array(args.latent, "latent", LATENT_KEYS)
@@ -206,6 +250,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
     guided = dec.is_teacher and is_guided(scale)
     if args.mesh:
         dec.set_mesh(args.mesh)
+    if null_caption:  # a network without the Gemma-2 caption stream, and no embedding given
+        emb = dec.null_caption_embeddings(latents.shape[0])
     if args.gemma and (args.prompt is not None or (guided and neg is None)):
         from pid_jax.gemma.encoder import CaptionEncoder
 
@@ -261,8 +307,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pid_jax.demo import run_demo, run_random_demo
 
     if args.random_weights:
-        steps = 4 if args.steps is None else args.steps
-        run_random_demo(args.out or "demo.png", args.size, steps, args.seed, args.dtype, progress=_progress)
+        run_random_demo(args.out or "demo.png", args.size, args.steps, args.seed, args.dtype, progress=_progress)
     else:
         run_demo(args.out or "pid-jax-demo", args.steps, args.mode, args.seed, args.dtype, progress=_progress)
     return 0

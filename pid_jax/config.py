@@ -27,6 +27,9 @@ PADDING_MODES = ("zeros", "replicate", "reflect")
 ROPE_MODES = ("original", "ntk_aware")
 STUDENT_T_LIST = (0.999, 0.866, 0.634, 0.342, 0.0)
 SAMPLER_KINDS = ("student", "dpmpp")
+# Gemma-2-2b's hidden size: a network whose caption stream takes this width is conditioned on Gemma-2 captions;
+# any other width (the shipped pixel_sr4x: 16) has no encoder to feed it and decodes with the null caption (zeros).
+GEMMA_CAPTION_DIM = 2304
 # PidNet's arguments beyond its base class PixDiT_T2I (upstream `pid_net.py`); a config naming none is a PixDiT_T2I.
 PIDNET_ONLY_ARGS = (
     "lq_inject_mode",
@@ -227,6 +230,19 @@ class PidNetConfig:
     def is_v1pt5(self) -> bool:
         return self.pit_lq_inject
 
+    @property
+    def gemma_captions(self) -> bool:
+        """Whether the caption stream takes Gemma-2 embeddings (else only the null caption, zeros, is defined)."""
+        return self.txt_embed_dim == GEMMA_CAPTION_DIM
+
+    def no_captions_error(self, name: str, what: str = "captions", advice: str | None = None) -> InputError:
+        """The refusal of captions for a network without the Gemma-2 caption stream, with what to do instead."""
+        return InputError(
+            f"{what}: preset {name} has no Gemma-2 caption stream (txt_embed_dim {self.txt_embed_dim}, Gemma-2 gives "
+            f"{GEMMA_CAPTION_DIM}), so no caption encoder can feed it; it uses the null caption (zeros) when none "
+            f"is given: {advice or f'drop {what}'}"
+        )
+
 
 @dataclass(frozen=True)
 class LatentSpec:
@@ -377,13 +393,22 @@ def preset_names() -> list[str]:
 
 
 _NON_PRESETS = {"chi_prompt", "demo", "pixel_sr4x"}
-# Shipped configurations that are not released checkpoints (no Hub file), loadable by name all the same.
-LOCAL_PRESETS = ("demo", "pixel_sr4x")
+# Shipped configurations that are not released checkpoints (no Hub file), loadable by name all the same:
+# pixel_sr4x with its trained weights in the package (pid_jax.shipped), demo a layout for random weights.
+LOCAL_PRESETS = ("pixel_sr4x", "demo")
+
+
+def local_preset_names() -> list[str]:
+    """Presets shipped with the package that are not NVIDIA releases (pixel_sr4x has shipped weights)."""
+    return list(LOCAL_PRESETS)
 
 
 def load_preset(name: str) -> Preset:
     if name not in preset_names() and name not in LOCAL_PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(preset_names())}")
+        raise ConfigError(
+            f"unknown preset {name!r}; presets: {', '.join(preset_names())}; "
+            f"shipped with pid-jax: {', '.join(LOCAL_PRESETS)}"
+        )
     text = resources.files("pid_jax.configs").joinpath(f"{name}.json").read_text()
     return Preset.from_dict(json.loads(text), source=f"{name}.json")
 

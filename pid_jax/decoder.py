@@ -219,6 +219,14 @@ def _check_seed(seed: Any) -> int:
     return value
 
 
+def _batch_of(latents: Any) -> int:
+    """The batch of latents [B, C, h, w] or [C, h, w] (1), for defaults; `prepare` validates the shape."""
+    shape = getattr(latents, "shape", None)
+    if shape is None:
+        shape = np.shape(latents)
+    return int(shape[0]) if len(shape) == 4 else 1
+
+
 def valid_sizes_hint(n: int, scale: int, patch: int) -> str:
     lo = max(1, n - 4)
     ok = [m for m in range(lo, n + 5) if (m * scale) % patch == 0]
@@ -302,6 +310,22 @@ class PiDDecoder:
         """A local `.pth`/`.safetensors` file (with `config`) or a converted directory."""
         preset, model = load_model(path, config, dtype, attn_impl)
         return cls(preset, model, progress=progress)
+
+    @classmethod
+    def shipped(
+        cls,
+        preset: str = "pixel_sr4x",
+        *,
+        dtype: str = "float32",
+        attn_impl: str = "auto",
+        progress: Callable[[str], None] | None = None,
+    ) -> PiDDecoder:
+        """The model whose weights ship in the package (`pid_jax.shipped`): pixel_sr4x, a 1.5M-parameter
+        pixel-space 4x super-resolver pid-jax trained itself (not NVIDIA's weights). Offline. Its latent is the
+        low-resolution image itself ([B, 3, h, w] in [-1, 1]) and it takes no captions."""
+        from pid_jax.shipped import shipped_weights
+
+        return cls.from_checkpoint(shipped_weights(preset), preset, dtype=dtype, attn_impl=attn_impl, progress=progress)
 
     # --- validation ---------------------------------------------------------------------------
     def output_size(self, latents_shape: tuple[int, ...], output_size: tuple[int, int] | None) -> tuple[int, int]:
@@ -487,8 +511,15 @@ class PiDDecoder:
         `steps`, `mode` (distilled presets) and `cfg_scale`, `shift` (undistilled ones: None = dynamic) default
         to the preset's sampler. A guided decode's unconditional branch is `negative_embeddings`, or
         `negative_prompt` (default: the preset's) through the caption encoder."""
-        if (caption_embeddings is None) == (captions is None):
-            raise InputError("give exactly one of caption_embeddings and captions")
+        if caption_embeddings is not None and captions is not None:
+            raise InputError("give at most one of caption_embeddings and captions")
+        if caption_embeddings is None and captions is None:
+            if self.cfg.gemma_captions:
+                raise InputError(
+                    f"give captions or caption_embeddings: preset {self.preset.name} is conditioned on Gemma-2 "
+                    'captions (captions=[""] is upstream\'s dropped caption)'
+                )
+            caption_embeddings = self.null_caption_embeddings(_batch_of(latents))
         steps, mode, scale = self.sampler_settings(steps, mode, cfg_scale)
         if shift is not None and not self.is_teacher:
             raise InputError(f"shift={shift!r}: {self.preset.name} is a distilled decoder (fixed time steps)")
@@ -580,9 +611,22 @@ class PiDDecoder:
         """uint8 images [B, H, W, 3]; see `decode_array` for the arguments."""
         return sampler.to_uint8(self.decode_array(latents, caption_embeddings, **kw))
 
+    def null_caption_embeddings(self, batch: int = 1) -> np.ndarray:
+        """Zeros [batch, txt_max_length, txt_embed_dim]: the null caption of a network without the Gemma-2 caption
+        stream (what pixel_sr4x was trained on); what `decode_array` uses when no caption is given."""
+        if self.cfg.gemma_captions:
+            raise InputError(
+                f"preset {self.preset.name} is conditioned on Gemma-2 captions: its null caption is Gemma's encoding "
+                'of "" (captions=[""]), not zeros'
+            )
+        return np.zeros((batch, self.cfg.txt_max_length, self.cfg.txt_embed_dim), np.float32)
+
     def encode_captions(self, captions: Sequence[str]) -> np.ndarray:
+        """Gemma-2 embeddings [B, 300, 2304] of the captions (the encoder is loaded on first use)."""
         if isinstance(captions, str):
             captions = [captions]
+        if not self.cfg.gemma_captions:  # before any encoder is downloaded or loaded
+            raise self.cfg.no_captions_error(self.preset.name)
         if self.caption_encoder is None:
             from pid_jax.gemma.encoder import CaptionEncoder
 

@@ -58,10 +58,13 @@ def run_demo(
     dtype: str = "float32",
     progress: Callable[[str], None] = print,
 ) -> dict[str, object]:
-    """Decode the held-out images with the shipped model; write one comparison PNG per image into `out`."""
+    """Decode the held-out images with the shipped model; write one comparison PNG per image into `out`.
+
+    `steps` and `mode` default to the preset's sampler (configs/pixel_sr4x.json), as in every other entry point."""
     record = ev.shipped_record()
-    steps = steps if steps is not None else int(record["default"]["steps"])
-    mode = mode or record["default"]["mode"]
+    sp = load_preset(ev.PRESET).sampler
+    steps = steps if steps is not None else sp.steps
+    mode = mode or sp.mode
     out_dir = Path(out)
     if out_dir.suffix.lower() == ".png":
         raise InputError(f"--out {out_dir}: the demo writes one PNG per image; give a directory")
@@ -95,7 +98,7 @@ def run_demo(
 
     print(f"pid-jax demo: a small PiD trained by pid-jax ({record['parameters']:,} parameters), not NVIDIA's weights")
     print(f"held-out images, 4x super-resolution, PiD {steps} step(s) {mode.upper()}, seed {seed}, {dtype}\n")
-    print(ev.format_table(rows))
+    print(ev.format_table(rows, (sp.steps, sp.mode)))
     gain = pid_row.psnr - bicubic.psnr
     print(f"\nPiD vs the better bicubic ({bicubic.label}): {gain:+.2f} dB PSNR\n")
     per_image = pid_row.decode_s / max(len(samples), 1)
@@ -125,13 +128,15 @@ def synthetic_latent(channels: int, h: int, w: int) -> np.ndarray:
 def run_random_demo(
     out: str | Path = "demo.png",
     size: int = 256,
-    steps: int = 4,
+    steps: int | None = None,
     seed: int = 0,
     dtype: str = "float32",
     progress: Callable[[str], None] = print,
 ) -> dict[str, float]:
-    """The whole pipeline on a small network with random weights: plumbing and timings, not quality."""
+    """The whole pipeline on a small network with random weights: plumbing and timings, not quality.
+    `steps` defaults to the demo preset's sampler."""
     preset = load_preset("demo")
+    steps = preset.sampler.steps if steps is None else steps
     scale = preset.network.pixel_scale
     if size <= 0 or size % scale:
         raise InputError(f"--size {size}: must be a positive multiple of {scale} (latent x VAE factor x sr_scale)")

@@ -20,13 +20,14 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pid_jax.errors import InputError
+from pid_jax.shipped import asset, shipped_weights
+from pid_jax.shipped import shipped_record as shipped_record  # re-exported: the demo reads it here
 
 HELD_OUT = ("astronaut", "chelsea", "coffee")
 SETTINGS: tuple[tuple[int, str], ...] = ((1, "ode"), (1, "sde"), (2, "ode"), (2, "sde"), (4, "ode"), (4, "sde"))
@@ -37,22 +38,6 @@ PRESET = "pixel_sr4x"
 
 
 # --- the shipped model and images -------------------------------------------------------------------
-
-
-def asset(*parts: str) -> Path:
-    """A file shipped under pid_jax/assets/ (weights, their record, the held-out images)."""
-    return Path(str(resources.files("pid_jax").joinpath("assets", *parts)))
-
-
-def shipped_weights() -> Path:
-    return asset(f"{PRESET}.safetensors")
-
-
-def shipped_record() -> dict[str, Any]:
-    p = asset(f"{PRESET}.record.json")
-    if not p.is_file():
-        raise InputError(f"{p}: the demo model's record is missing from the package")
-    return json.loads(p.read_text())
 
 
 def asset_paths(names: Sequence[str]) -> list[Path]:
@@ -172,7 +157,7 @@ def load_decoder(
     """The shipped demo model (default) or a given pixel-space checkpoint."""
     from pid_jax.decoder import PiDDecoder
 
-    path = Path(checkpoint) if checkpoint else shipped_weights()
+    path = Path(checkpoint) if checkpoint else shipped_weights(PRESET if config is None else str(config))
     if not path.exists():
         raise InputError(f"{path}: no such checkpoint (the demo weights ship in pid_jax/assets/)")
     return PiDDecoder.from_checkpoint(path, config or PRESET, dtype=dtype, progress=progress)
@@ -210,7 +195,7 @@ def evaluate(
         rows.append(_mean(row))
     if decoder is None:
         return rows, samples
-    y = np.zeros((1, decoder.cfg.txt_max_length, decoder.cfg.txt_embed_dim), np.float32)
+    y = np.zeros((1, decoder.cfg.txt_max_length, decoder.cfg.txt_embed_dim), np.float32)  # the null caption
     for steps, mode in settings:
         row = Row("PiD", steps, mode)
         same = next((r for r in rows if r.steps == 1 and steps == 1), None)
@@ -246,13 +231,15 @@ def best(rows: Sequence[Row], pid: bool) -> Row:
     return max(cands, key=lambda r: r.psnr)
 
 
-def format_table(rows: Sequence[Row]) -> str:
+def format_table(rows: Sequence[Row], default: tuple[int, str] | None = None) -> str:
+    """A Markdown table; `default` (the preset's sampler steps and mode) marks that row "(default)"."""
     names = list(rows[0].per_image)
     head = "| method | PSNR (dB) | SSIM | " + " | ".join(f"{n} PSNR" for n in names) + " |"
     lines = [head, "|" + "---|" * (3 + len(names))]
     for r in rows:
         per = " | ".join(f"{r.per_image[n]['psnr']:.2f}" for n in names)
-        lines.append(f"| {r.label} | {r.psnr:.2f} | {r.ssim:.4f} | {per} |")
+        mark = " (default)" if default is not None and (r.steps, r.mode) == tuple(default) else ""
+        lines.append(f"| {r.label}{mark} | {r.psnr:.2f} | {r.ssim:.4f} | {per} |")
     return "\n".join(lines)
 
 
@@ -303,7 +290,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise InputError("no images to evaluate")
     t0 = time.perf_counter()
     rows, _ = evaluate(dec, paths, settings, seed=args.seed, progress=lambda m: print(f"[pid-jax] {m}", flush=True))
-    print(format_table(rows))
+    sp = dec.preset.sampler
+    print(format_table(rows, (sp.steps, sp.mode)))
     b, p = best(rows, pid=False), best(rows, pid=True)
     print(
         f"best PiD: {p.label} {p.psnr:.2f} dB; best baseline: {b.label} {b.psnr:.2f} dB; "

@@ -53,6 +53,35 @@ def check_compatible(vae: Any, decoder: PiDDecoder, vae_source: str = "the VAE")
         )
 
 
+@dataclass(frozen=True)
+class PixelSpaceConfig:
+    """What `PiDUpscaler` reads of a VAE config, for a pixel-space preset (no VAE)."""
+
+    kind: str = "pixel (identity: the image is the latent)"
+    latent_channels: int = 3
+    down_factor: int = 1
+
+
+class PixelSpace:
+    """The 'VAE' of a pixel-space preset (pixel_sr4x): the image in [-1, 1] is the latent, both ways."""
+
+    config = PixelSpaceConfig()
+    dtype = jnp.float32
+
+    def encode(self, images: Any) -> np.ndarray:
+        return np.asarray(images, np.float32)
+
+    def decode(self, latent: Any) -> np.ndarray:
+        return np.asarray(latent, np.float32)
+
+
+def is_pixel_space(preset: Any) -> bool:
+    """True when the preset's latent is the RGB image itself (3 channels, no VAE, no spatial reduction)."""
+    from pid_jax.train.encoders import is_pixel_space as pixel
+
+    return pixel(preset)
+
+
 @dataclass
 class Upscaled:
     """One result: the PiD image and what it came from (arrays in [-1, 1], channels first)."""
@@ -109,11 +138,16 @@ class PiDUpscaler:
         The VAE kind follows the backbone (flux, zimage* -> flux; sd3; sdxl; flux2*; qwenimage*); without a
         backbone, the checkpoint's preset names it. `vae_checkpoint` is a local VAE file; otherwise the
         released one is fetched from the Hub. `vae_config` (a VAE config JSON) is for non-released sizes.
+        A pixel-space preset (pixel_sr4x) has no VAE: the image itself is its latent; `config="pixel_sr4x"`
+        without a checkpoint uses the weights shipped in the package (`PiDUpscaler.shipped()`).
         """
+        from pid_jax.shipped import has_shipped_weights, shipped_weights
         from pid_jax.vae import load_vae
 
+        if backbone is None and checkpoint is None and isinstance(config, str) and has_shipped_weights(config):
+            checkpoint = shipped_weights(config)
         if backbone is None and checkpoint is None:
-            raise InputError("give a backbone name, or a PiD checkpoint with its config")
+            raise InputError("give a backbone name, or a PiD checkpoint with its config (or config='pixel_sr4x')")
         kind = vae_kind_for_backbone(backbone) if backbone is not None else None  # refuse dinov2/siglip first
         if checkpoint is not None:
             dec = PiDDecoder.from_checkpoint(checkpoint, config, dtype=dtype, progress=progress)
@@ -121,6 +155,13 @@ class PiDUpscaler:
             dec = PiDDecoder.from_pretrained(
                 backbone, variant, dtype=dtype, cache_dir=cache_dir, revision=revision, progress=progress
             )
+        if is_pixel_space(dec.preset):
+            if vae_checkpoint is not None or vae_config is not None or backbone is not None:
+                raise InputError(
+                    f"PiD preset {dec.preset.name} is pixel-space (the image is its latent): it takes no VAE and no "
+                    "backbone; drop --vae-checkpoint/--vae-config/--backbone"
+                )
+            return cls(dec, PixelSpace(), tiling=None, vae_source="pixel space", progress=progress)
         if kind is None:
             names = dec.preset.backbones
             if not names:
@@ -136,6 +177,11 @@ class PiDUpscaler:
         vae = load_vae(kind, vae_checkpoint, dtype=vae_dtype or dtype, config=vae_config)
         return cls(dec, vae, tiling=tiling, vae_source=f"VAE file {vae_checkpoint}", progress=progress)
 
+    @classmethod
+    def shipped(cls, *, dtype: str = "float32", progress: Callable[[str], None] | None = None) -> PiDUpscaler:
+        """The shipped pixel_sr4x (offline, no VAE, no captions): `PiDUpscaler.shipped()("photo.png")`."""
+        return cls.from_pretrained(config="pixel_sr4x", dtype=dtype, progress=progress)
+
     # --- planning -----------------------------------------------------------------------------
     @property
     def multiple(self) -> int:
@@ -150,12 +196,16 @@ class PiDUpscaler:
         """Estimated peak bytes of the VAE and of PiD for one image, the memory there is, and the VAE tiling."""
         item = jnp.dtype(self.vae.dtype).itemsize
         have, what = available_bytes()
-        if self.tiling == "auto":
+        pixel = isinstance(self.vae, PixelSpace)
+        if pixel:
+            tiling = None
+        elif self.tiling == "auto":
             tiling = choose_tiling(self.vae.config, 1, height, width, item, int(have * VAE_MEMORY_SHARE))
         else:
             tiling = self.tiling
         vae_hw = (height, width) if tiling is None else (tiling.tile * self.vae.config.down_factor,) * 2
-        vae_bytes = estimate_vae_bytes(self.vae.config, 1, min(height, vae_hw[0]), min(width, vae_hw[1]), item)
+        vae_h, vae_w = min(height, vae_hw[0]), min(width, vae_hw[1])
+        vae_bytes = 0 if pixel else estimate_vae_bytes(self.vae.config, 1, vae_h, vae_w, item)
         s = self.scale
         pid_bytes = estimate_decode_bytes(
             self.decoder.cfg, 1, height * s, width * s, jnp.dtype(self.decoder.dtype).itemsize, True
@@ -185,6 +235,8 @@ class PiDUpscaler:
         z = np.asarray(latent, np.float32)
         if z.ndim == 3:
             z = z[None]
+        if tiling == "auto" and isinstance(self.vae, PixelSpace):
+            tiling = None
         if tiling == "auto":
             f = self.vae.config.down_factor
             have, _ = available_bytes()
@@ -241,7 +293,12 @@ class PiDUpscaler:
         return Upscaled(np.asarray(x[0], np.float32), z[0], loaded, box, timings)
 
     def caption_embeddings(self, n: int, captions: Any = None, caption_embeddings: Any = None) -> np.ndarray:
-        """[n, L, D]: one caption (or embedding) for all images, or one per image."""
+        """[n, L, D]: one caption (or embedding) for all images, or one per image; for a network without the
+        Gemma-2 caption stream (pixel_sr4x) neither is needed: the null caption (zeros)."""
+        if captions is None and caption_embeddings is None and not self.decoder.cfg.gemma_captions:
+            return self.decoder.null_caption_embeddings(n)
+        if captions is not None and not self.decoder.cfg.gemma_captions:
+            raise self.decoder.cfg.no_captions_error(self.decoder.preset.name)
         if (captions is None) == (caption_embeddings is None):
             raise InputError('give exactly one of captions and caption_embeddings ("" is the dropped caption)')
         if captions is not None:
@@ -301,4 +358,4 @@ def compare_strip(result: Upscaled, vae_image: np.ndarray, scale: int) -> np.nda
     return np.concatenate([left, mid, pid_u8], axis=1)
 
 
-__all__ = ["PiDUpscaler", "Upscaled", "check_compatible", "compare_strip", "download_vae"]
+__all__ = ["PiDUpscaler", "PixelSpace", "Upscaled", "check_compatible", "compare_strip", "download_vae"]

@@ -55,10 +55,10 @@ def test_presets_lists_every_release(capsys) -> None:
     assert code == 0
     header, *lines = out.strip().splitlines()
     assert header.split()[:6] == ["preset", "variant", "backbones", "latent", "scale", "sampler"]
-    # ten distilled decoders, three undistilled teachers and PixelDiT
-    assert len(lines) == 14 == len(preset_names())
-    assert [ln.split()[0] for ln in lines] == preset_names()
-    assert all("model_ema_bf16.pth" in ln for ln in lines)
+    # ten distilled decoders, three undistilled teachers and PixelDiT; then the presets pid-jax ships
+    assert len(lines) == 14 + 2 and len(preset_names()) == 14
+    assert [ln.split()[0] for ln in lines] == [*preset_names(), "pixel_sr4x", "demo"]
+    assert all("model_ema_bf16.pth" in ln for ln in lines[:14])
     rows = {ln.split()[0]: ln for ln in lines}
     # backbones, latent shape (channels, down factor) and scale of two releases that differ in all three
     assert " flux,zimage,zimage-turbo,boogu,flux1 " in rows["flux_2k"] and " 16 x H/8 x W/8 " in rows["flux_2k"]

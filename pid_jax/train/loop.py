@@ -354,6 +354,14 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
     records = data_lib.scan(opts.data)
     latent_mode = _latent_mode(preset, records, opts)
     gemma_encode = None
+    if not preset.network.gemma_captions:  # refused before any Gemma download, with what to do instead
+        texts = [r.text for r in records if r.text is not None]
+        if opts.gemma:
+            raise preset.network.no_captions_error(preset.name, "--gemma")
+        if texts:
+            raise preset.network.no_captions_error(
+                preset.name, texts[0], f"remove the {len(texts)} <stem>.txt caption file(s) from --data"
+            )
     if opts.gemma:
         from pid_jax.gemma.encoder import CaptionEncoder
 
@@ -481,9 +489,12 @@ class _Sampler:
 
         self.graphdef, self.preset, self.batch = graphdef, preset, batch
         _, _, h, w = batch["x0"].shape
-        steps = min(4, len(preset.sampler.t_list) - 1)
+        student = preset.sampler  # the preset's own defaults, as every decode entry point uses them
+        steps = student.steps if student.kind == "student" else min(4, len(student.t_list) - 1)
+        mode = student.mode if student.kind == "student" else "sde"
         sp = teacher_sampler_spec(preset) if stage == "teacher" else None
-        self.sampler = "student" if sp is None else f"dpmpp {sp.steps} steps, cfg {sp.cfg_scale:g}"
+        teacher = None if sp is None else f"dpmpp {sp.steps} steps, cfg {sp.cfg_scale:g}"
+        self.sampler = teacher or f"student {steps} steps {mode}"
         schedule = None if sp is None else ts.dpmpp_schedule(sp.steps, sp.shift_for(h, w))
 
         def run(graph, params, z, y):
@@ -492,7 +503,8 @@ class _Sampler:
             if sp is not None:
                 kw = dict(height=h, width=w)
                 return decode_teacher(model, z, y, negative, zero, jax.random.key(0), schedule, sp.cfg_scale, **kw)
-            return decode(model, z, y, zero, jax.random.key(0), height=h, width=w, steps=steps)
+            kw = dict(height=h, width=w, steps=steps, mode=mode, t_list=student.t_list)
+            return decode(model, z, y, zero, jax.random.key(0), **kw)
 
         self._graph = None
         self._run = run

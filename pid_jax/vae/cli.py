@@ -75,14 +75,20 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     import numpy as np
 
     from pid_jax import images as imgs
+    from pid_jax.cli import check_caption_args, peek_preset
     from pid_jax.io import EMBEDDING_KEYS, load_array, write_pngs
     from pid_jax.sampler import to_uint8
+    from pid_jax.shipped import has_shipped_weights
     from pid_jax.upscale import PiDUpscaler, compare_strip
 
-    if (args.prompt is None) == (args.caption_embeddings is None):
-        raise InputError('give exactly one of --prompt ("" is upstream\'s dropped caption) and --caption-embeddings')
-    if args.backbone is None and args.checkpoint is None:
-        raise InputError("upscale needs --backbone NAME (and optionally --checkpoint FILE --config PRESET|JSON)")
+    shipped = args.backbone is None and args.checkpoint is None and has_shipped_weights(args.config or "")
+    if args.backbone is None and args.checkpoint is None and not shipped:
+        raise InputError(
+            "upscale needs --backbone NAME (and optionally --checkpoint FILE --config PRESET|JSON), or "
+            "--config pixel_sr4x (the shipped model)"
+        )
+    preset = peek_preset(args.backbone, args.variant, args.checkpoint, args.config)
+    null_caption = check_caption_args(preset, args.prompt, args.caption_embeddings, args.gemma)
     if args.checkpoint is not None and args.config is None and not Path(args.checkpoint).is_dir():
         raise InputError(f"--checkpoint {args.checkpoint}: a .pth/.safetensors file needs --config PRESET|JSON")
     if args.backbone is not None:
@@ -122,7 +128,9 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         raise InputError(f"the VAE's down factor {up.vae.config.down_factor} does not divide the crop multiple 16")
     if args.mesh:
         up.decoder.set_mesh(args.mesh)
-    if args.prompt is not None:
+    if null_caption:  # a network without the Gemma-2 caption stream (pixel_sr4x): the null caption
+        all_emb = up.caption_embeddings(len(loaded))
+    elif args.prompt is not None:
         if args.gemma:
             from pid_jax.gemma.encoder import CaptionEncoder
 
