@@ -4,8 +4,10 @@
 - "heads": one head at a time (and, for long sequences, one block of queries at a time) with an exact
   softmax over all keys: the live score matrix stays cache-sized. Fastest on CPU (measured at 1324
   tokens, 24 heads: 0.34 s against 0.75 s for "xla" and 0.28 s for torch's fused CPU kernel).
-- "blocked": online-softmax over key blocks and query blocks (flash-style), so no score matrix wider
-  than a block is ever formed, for sequences too long even for "heads".
+- "flash" (alias "blocked"): online softmax over query blocks x key blocks (FlashAttention-2), so no score
+  matrix wider than a block is ever formed, with a custom VJP: differentiated, the forward keeps only the
+  output and the log-sum-exp and the backward recomputes the probabilities block by block, so training
+  memory is O(N) (jax's autodiff of "xla"/"heads" keeps every head's probabilities: O(N^2)).
 - "cudnn": `jax.nn.dot_product_attention` with cuDNN flash attention (NVIDIA GPUs, bf16/fp16).
 - "fp8": opt-in cuDNN FP8 (e4m3) flash attention on Hopper, q/k/v scaled per tensor by their absolute
   maximum; head sizes cuDNN's FP8 kernel refuses (not a multiple of 16, e.g. the pixel blocks' 72) run
@@ -16,11 +18,14 @@
   Mosaic-GPU flash kernel (warp-specialised, FA3-style), the caption keys and the caption queries by
   cuDNN, the partial softmaxes merged through their log-sum-exp. Shapes the kernel cannot take (head
   size not a multiple of 64, image tokens not a multiple of its blocks) run "cudnn".
-- "auto": cudnn on GPU for half precision, heads on CPU, xla otherwise.
+- "auto": cudnn on GPU for half precision (its fused backward is O(N) too); elsewhere the flash VJP, whose
+  undifferentiated forward (decoding) is "heads" on CPU and "xla" on GPU, so decoding is unchanged and
+  training is O(N) in memory on every backend.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -28,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 HIGHEST = jax.lax.Precision.HIGHEST
-IMPLEMENTATIONS = ("auto", "xla", "heads", "blocked", "cudnn", "fp8", "mgpu")
+IMPLEMENTATIONS = ("auto", "xla", "heads", "flash", "blocked", "cudnn", "fp8", "mgpu")
 
 # Above this many keys, "heads" also splits the queries so one head's scores stay about 64 MB.
 _HEADS_Q_BLOCK_KV = 4096
@@ -60,44 +65,164 @@ def _heads(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jax.lax.map(one_head, heads_first).transpose(1, 2, 0, 3)
 
 
-def _blocked(q: jax.Array, k: jax.Array, v: jax.Array, q_block: int = 1024, kv_block: int = 1024) -> jax.Array:
+def _pad_rows(x: jax.Array, n: int, value: float = 0.0) -> jax.Array:
+    """x [B, N, ...] padded along axis 1 to n rows."""
+    pad = n - x.shape[1]
+    if not pad:
+        return x
+    return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+
+
+def _blocks(x: jax.Array, block: int) -> jax.Array:
+    """[B, N, ...] with N a multiple of block -> [N // block, B, block, ...] (the block axis leading, to scan)."""
+    b, n = x.shape[:2]
+    return jnp.moveaxis(x.reshape(b, n // block, block, *x.shape[2:]), 1, 0)
+
+
+def _unblocks(x: jax.Array) -> jax.Array:
+    """Inverse of `_blocks`."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def _geometry(nq: int, nk: int, q_block: int, kv_block: int) -> tuple[int, int, int, int]:
+    qb, kb = min(q_block, nq), min(kv_block, nk)
+    return qb, kb, -(-nq // qb) * qb, -(-nk // kb) * kb
+
+
+def _scores(qi: jax.Array, kj: jax.Array, scale: float, valid: jax.Array | None) -> jax.Array:
+    """Scaled scores [B, H, q, k] in float32; padded keys (valid False) at -inf."""
+    s = jnp.einsum("bqhd,bkhd->bhqk", qi, kj, precision=HIGHEST, preferred_element_type=jnp.float32) * scale
+    return s if valid is None else jnp.where(valid, s, -jnp.inf)
+
+
+def flash_forward(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_block: int = 512, kv_block: int = 1024
+) -> tuple[jax.Array, jax.Array]:
+    """Online-softmax attention over query blocks x key blocks: output [B, Nq, H, D] and the natural
+    log-sum-exp of the scaled scores [B, H, Nq] (float32). No score matrix wider than one block exists."""
     b, nq, h, d = q.shape
     nk = k.shape[1]
-    kv_block = min(kv_block, nk)
-    q_block = min(q_block, nq)
-    if nk % kv_block or nq % q_block:
-        return _xla(q, k, v)
+    qb, kb, nq_p, nk_p = _geometry(nq, nk, q_block, kv_block)
     scale = 1.0 / math.sqrt(d)
-    kb = k.reshape(b, nk // kv_block, kv_block, h, d).transpose(1, 0, 2, 3, 4)
-    vb = v.reshape(b, nk // kv_block, kv_block, h, d).transpose(1, 0, 2, 3, 4)
+    kbl, vbl = _blocks(_pad_rows(k, nk_p), kb), _blocks(_pad_rows(v, nk_p), kb)
+    valid = (jnp.arange(nk_p) < nk).reshape(nk_p // kb, 1, 1, 1, kb) if nk_p != nk else None
 
-    def one_q_block(qi: jax.Array) -> jax.Array:
-        # qi [b, q_block, h, d]; scan over key blocks keeping running max / sum / output in float32.
+    def one_q_block(qi: jax.Array) -> tuple[jax.Array, jax.Array]:
         def step(carry, kv):
             m, l_sum, acc = carry
-            kj, vj = kv
-            s = jnp.einsum("bqhd,bkhd->bhqk", qi, kj, precision=HIGHEST, preferred_element_type=jnp.float32)
-            s = s * scale
+            kj, vj, ok = kv
+            s = _scores(qi, kj, scale, ok if valid is not None else None)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
-            l_new = l_sum * corr + jnp.sum(p, axis=-1)
             pv = jnp.einsum(
                 "bhqk,bkhd->bhqd", p.astype(vj.dtype), vj, precision=HIGHEST, preferred_element_type=jnp.float32
             )
-            return (m_new, l_new, acc * corr[..., None] + pv), None
+            return (m_new, l_sum * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv), None
 
         init = (
-            jnp.full((b, h, qi.shape[1]), -jnp.inf, jnp.float32),
-            jnp.zeros((b, h, qi.shape[1]), jnp.float32),
-            jnp.zeros((b, h, qi.shape[1], d), jnp.float32),
+            jnp.full((b, h, qb), -jnp.inf, jnp.float32),
+            jnp.zeros((b, h, qb), jnp.float32),
+            jnp.zeros((b, h, qb, d), jnp.float32),
         )
-        (_, l_sum, acc), _ = jax.lax.scan(step, init, (kb, vb))
-        return (acc / l_sum[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)
+        xs = (kbl, vbl, valid if valid is not None else jnp.ones((nk_p // kb, 1, 1, 1, 1), bool))
+        (m, l_sum, acc), _ = jax.lax.scan(step, init, xs)
+        return (acc / l_sum[..., None]).transpose(0, 2, 1, 3).astype(q.dtype), m + jnp.log(l_sum)
 
-    qb = q.reshape(b, nq // q_block, q_block, h, d).transpose(1, 0, 2, 3, 4)
-    out = jax.lax.map(one_q_block, qb)
-    return out.transpose(1, 0, 2, 3, 4).reshape(b, nq, h, d)
+    o, lse = jax.lax.map(one_q_block, _blocks(_pad_rows(q, nq_p), qb))
+    o = _unblocks(o)[:, :nq]
+    lse = jnp.moveaxis(lse, 0, 2).reshape(b, h, nq_p)[:, :, :nq]
+    return o, lse
+
+
+def flash_backward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    o: jax.Array,
+    lse: jax.Array,
+    do: jax.Array,
+    q_block: int = 512,
+    kv_block: int = 1024,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(dq, dk, dv) of softmax attention from its output and log-sum-exp, the probabilities recomputed one
+    block at a time (FlashAttention-2's backward): memory O(N), never a full score matrix."""
+    b, nq, h, d = q.shape
+    nk = k.shape[1]
+    qb, kb, nq_p, nk_p = _geometry(nq, nk, q_block, kv_block)
+    scale = 1.0 / math.sqrt(d)
+    # D_i = sum_d dO_i O_i: the softmax backward's row term, in float32.
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1).transpose(0, 2, 1)  # [B, H, Nq]
+    qbl, dobl = _blocks(_pad_rows(q, nq_p), qb), _blocks(_pad_rows(do, nq_p), qb)
+    # Padded query rows: dO = 0, lse = 0, D = 0, so they contribute nothing (and no inf).
+    lsebl = jnp.moveaxis(_pad_rows(lse.transpose(0, 2, 1), nq_p).reshape(b, nq_p // qb, qb, h), 1, 0)
+    dbl = jnp.moveaxis(_pad_rows(delta.transpose(0, 2, 1), nq_p).reshape(b, nq_p // qb, qb, h), 1, 0)
+    kbl, vbl = _blocks(_pad_rows(k, nk_p), kb), _blocks(_pad_rows(v, nk_p), kb)
+    valid = (
+        (jnp.arange(nk_p) < nk).reshape(nk_p // kb, 1, 1, 1, kb)
+        if nk_p != nk
+        else jnp.ones((nk_p // kb, 1, 1, 1, 1), bool)
+    )
+    masked = nk_p != nk
+
+    def one_kv_block(dq_acc, kv):
+        kj, vj, ok = kv
+
+        def one_q_block(carry, qs):
+            dk, dv = carry
+            qi, doi, lsei, di = qs  # [B, qb, H, D], [B, qb, H, D], [B, qb, H], [B, qb, H]
+            s = _scores(qi, kj, scale, ok if masked else None)
+            p = jnp.exp(s - lsei.transpose(0, 2, 1)[..., None])  # [B, H, qb, kb]
+            dv = dv + jnp.einsum(
+                "bhqk,bqhd->bkhd", p.astype(doi.dtype), doi, precision=HIGHEST, preferred_element_type=jnp.float32
+            )
+            dp = jnp.einsum("bqhd,bkhd->bhqk", doi, vj, precision=HIGHEST, preferred_element_type=jnp.float32)
+            ds = (p * (dp - di.transpose(0, 2, 1)[..., None]) * scale).astype(q.dtype)
+            dqi = jnp.einsum("bhqk,bkhd->bqhd", ds, kj, precision=HIGHEST, preferred_element_type=jnp.float32)
+            dk = dk + jnp.einsum("bhqk,bqhd->bkhd", ds, qi, precision=HIGHEST, preferred_element_type=jnp.float32)
+            return (dk, dv), dqi
+
+        zeros = jnp.zeros((b, kb, h, d), jnp.float32)
+        (dk, dv), dq_part = jax.lax.scan(one_q_block, (zeros, zeros), (qbl, dobl, lsebl, dbl))
+        return dq_acc + dq_part, (dk, dv)
+
+    dq0 = jnp.zeros((nq_p // qb, b, qb, h, d), jnp.float32)
+    dq, (dk, dv) = jax.lax.scan(one_kv_block, dq0, (kbl, vbl, valid))
+    dq = _unblocks(dq)[:, :nq].astype(q.dtype)
+    return dq, _unblocks(dk)[:, :nk].astype(k.dtype), _unblocks(dv)[:, :nk].astype(v.dtype)
+
+
+# The forward used where nothing differentiates the attention (decoding): the fastest exact path there.
+_PRIMAL = {
+    "flash": lambda q, k, v: flash_forward(q, k, v)[0],
+    "heads": lambda q, k, v: _heads(q, k, v),
+    "xla": lambda q, k, v: _xla(q, k, v),
+}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def flash(
+    q: jax.Array, k: jax.Array, v: jax.Array, primal: str = "flash", q_block: int = 512, kv_block: int = 1024
+) -> jax.Array:
+    """Exact softmax attention whose backward pass needs O(N) memory (custom VJP: the forward under
+    differentiation keeps only the output and the log-sum-exp; the backward recomputes the probabilities
+    block by block). `primal` names the forward used when nothing differentiates: "flash" (blockwise),
+    "heads" (the fast CPU path) or "xla"."""
+    return _PRIMAL[primal](q, k, v)
+
+
+def _flash_fwd(q, k, v, primal, q_block, kv_block):
+    o, lse = flash_forward(q, k, v, q_block, kv_block)
+    return o, (q, k, v, o, lse)
+
+
+def _flash_bwd(primal, q_block, kv_block, res, do):
+    q, k, v, o, lse = res
+    return flash_backward(q, k, v, o, lse, do, q_block, kv_block)
+
+
+flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -221,18 +346,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "auto", n_pr
                 return _cudnn(q, k, v)
             except (ValueError, NotImplementedError, RuntimeError):
                 # cuDNN refuses some shapes at trace time (head size, older GPUs): fall back to a
-                # path whose memory stays bounded at large images.
-                impl = "heads"
-        elif not on_gpu:
-            impl = "heads"
-        else:
-            impl = "xla"
+                # path whose memory stays bounded at large images, forward and backward.
+                return flash(q, k, v, "heads")
+        return flash(q, k, v, "xla" if on_gpu else "heads")
     if impl == "xla":
         return _xla(q, k, v)
     if impl == "heads":
         return _heads(q, k, v)
-    if impl == "blocked":
-        return _blocked(q, k, v)
+    if impl in ("flash", "blocked"):
+        return flash(q, k, v, "flash")
     if impl == "cudnn":
         return _cudnn(q, k, v)
     if impl == "fp8":
