@@ -97,20 +97,32 @@ _PAD_MODES = {"replicate": "edge", "reflect": "reflect"}
 
 
 class Conv2d(nnx.Module):
-    """torch.nn.Conv2d (stride 1, 'same' padding of k//2 in the given padding mode) on NHWC activations."""
+    """torch.nn.Conv2d on NHWC activations: by default stride 1 and 'same' padding of k//2 in the given padding
+    mode; `stride` / `padding` as torch's (zero padding) for other layouts (the DMD2 discriminator's k4 s2 p1)."""
 
     def __init__(
-        self, din: int, dout: int, kernel: int, *, padding_mode: str = "zeros", rngs: nnx.Rngs | None, dtype=jnp.float32
+        self,
+        din: int,
+        dout: int,
+        kernel: int,
+        *,
+        padding_mode: str = "zeros",
+        stride: int = 1,
+        padding: int | None = None,
+        rngs: nnx.Rngs | None,
+        dtype=jnp.float32,
     ):
         self.weight = nnx.Param(_init(rngs, (dout, din, kernel, kernel), dtype, (din * kernel * kernel) ** -0.5))
         self.bias = nnx.Param(_init(rngs, (dout,), dtype))
         self.padding_mode = padding_mode
         self.kernel = kernel
+        self.stride = stride
+        self.padding = padding
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = self.weight[...]
         x = x.astype(w.dtype)  # operands in the weight dtype, as Linear
-        p = self.kernel // 2
+        p = self.kernel // 2 if self.padding is None else self.padding
         if p and self.padding_mode != "zeros":
             x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode=_PAD_MODES[self.padding_mode])
             pad = "VALID"
@@ -119,7 +131,7 @@ class Conv2d(nnx.Module):
         y = jax.lax.conv_general_dilated(
             x,
             w,
-            window_strides=(1, 1),
+            window_strides=(self.stride, self.stride),
             padding=pad,
             dimension_numbers=("NHWC", "OIHW", "NHWC"),
             precision=HIGHEST,

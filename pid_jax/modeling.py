@@ -96,15 +96,37 @@ class PidNet(nnx.Module):
         lq_feats: list[jax.Array],
         degrade_sigma: jax.Array | None,
         acts: Acts | None = None,
-    ) -> jax.Array:
+        feature_indices: tuple[int, ...] | None = None,
+    ) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
         """Velocity [B, 3, H, W] for noisy image x [B, 3, H, W] at network time t [B] (= t * 1000),
         given the embedded caption (`embed_text`) and the adapter features (`lq_features`; a PixDiT_T2I
-        takes `[]` and no sigma)."""
+        takes `[]` and no sigma). With `feature_indices`: (velocity, the tokens after those patch blocks as
+        [B, hidden, H/p, W/p] maps), upstream's `feature_indices=` forward for the DMD2 discriminator."""
+        x = constrain(x.astype(jnp.float32), "image")  # matmuls cast to dt themselves (autocast order)
+        s, t_emb, sigma, feats = self._patch_stage(x, t, y_emb, lq_feats, degrade_sigma, acts, feature_indices or ())
+        out = self._pixel_stage(x, s, t_emb, lq_feats, sigma, acts)
+        return out if feature_indices is None else (out, feats)
+
+    def early_features(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        y_emb: jax.Array,
+        lq_feats: list[jax.Array],
+        degrade_sigma: jax.Array | None,
+        feature_indices: tuple[int, ...],
+    ) -> list[jax.Array]:
+        """The tokens after patch blocks `feature_indices` as [B, hidden, H/p, W/p] maps, running only the patch
+        blocks up to the last of them (upstream's `return_features_early=True`)."""
+        x = constrain(x.astype(jnp.float32), "image")
+        return self._patch_stage(x, t, y_emb, lq_feats, degrade_sigma, None, feature_indices, stop=True)[3]
+
+    def _patch_stage(self, x, t, y_emb, lq_feats, degrade_sigma, acts, feature_indices, stop: bool = False):
+        """Patch embedding, conditioning and the patch blocks: (tokens, t_emb, sigma, collected feature maps)."""
         cfg, dt = self.cfg, self.dtype
         b, c, h, w = x.shape
         ph, pw = self.grid(h, w)
         ps, hid = cfg.patch_size, cfg.hidden_size
-        x = constrain(x.astype(jnp.float32), "image")  # matmuls cast to dt themselves (autocast order)
         sigma = None if degrade_sigma is None else degrade_sigma.astype(jnp.float32)
 
         # Patch tokens in unfold order: (channel, row, col) inside each patch.
@@ -119,8 +141,11 @@ class PidNet(nnx.Module):
             if cfg.use_text_rope
             else None
         )
-        n_out = cfg.num_lq_outputs
         s = constrain(self.s_embedder(patches), "tokens")
+        wanted = sorted(set(feature_indices))
+        if wanted and not 0 <= wanted[0] <= wanted[-1] < cfg.patch_depth:
+            raise InputError(f"feature indices {wanted} outside the {cfg.patch_depth} patch blocks")
+        feats: list[jax.Array] = []
         for i, blk in enumerate(self.patch_blocks):
             if self.lq_proj is not None and self.lq_proj.is_gate_active(i):
                 j = self.lq_proj.output_index(i)
@@ -130,7 +155,19 @@ class PidNet(nnx.Module):
             s, y_emb = constrain(s, "tokens"), constrain(y_emb, "text")
             _put(acts, f"patch_block.{i}.0", s)
             _put(acts, f"patch_block.{i}.1", y_emb)
+            if i in wanted:  # tokens are row-major over the patch grid: [B, L, D] -> [B, D, H/p, W/p]
+                feats.append(s.reshape(b, ph, pw, hid).transpose(0, 3, 1, 2))
+                if stop and i == wanted[-1]:
+                    break
+        return s, t_emb, sigma, feats
 
+    def _pixel_stage(self, x, s, t_emb, lq_feats, sigma, acts):
+        """The PiT head: conditioning tokens, pixel blocks, final layer, fold back to [B, C, H, W]."""
+        cfg = self.cfg
+        b, c, h, w = x.shape
+        ph, pw = self.grid(h, w)
+        ps, hid = cfg.patch_size, cfg.hidden_size
+        n_out = cfg.num_lq_outputs
         s = jax.nn.silu(t_emb + s)
         if self.pit_lq_gate is not None:
             s = self.pit_lq_gate(s, lq_feats[n_out], sigma)
