@@ -49,19 +49,20 @@ SKIMAGE = ("scikit-image", "0.26.0")
 SCIPY = ("scipy", "1.9.3")
 GLYMUR = ("glymur", "0.14.8")
 TID = "as the 512x384 TID2013 reference copy shipped in pyiqa 0.1.16 (ResultsCalibra/ref_dir)"
+KT = f"{KODAK}; {TID}"
 
 PHOTOS: dict[str, Source] = {
     # Held out (8 natural colour photographs, fixed before any tuning; never probed).
     "kodim03": Source(*PYIQA, "ResultsCalibra/ref_dir/I03.bmp",
-                      "28441215ca5b6358e6267717250a02eeec4fa5ef73ae454870b8426320f980a8", f"{KODAK}; {TID}", "held_out"),
+                      "28441215ca5b6358e6267717250a02eeec4fa5ef73ae454870b8426320f980a8", KT, "held_out"),
     "kodim04": Source(*PYIQA, "ResultsCalibra/ref_dir/I04.bmp",
-                      "c8500941a30397bc9e613a297e1286bdb955f49926148f58e7963d6e82b03c9f", f"{KODAK}; {TID}", "held_out"),
+                      "c8500941a30397bc9e613a297e1286bdb955f49926148f58e7963d6e82b03c9f", KT, "held_out"),
     "kodim06": Source(*PYIQA, "ResultsCalibra/ref_dir/I06.bmp",
-                      "445c2c0fcb47898e9cd8e6de640f2545621d27cbb248c69ef2c84d8204723061", f"{KODAK}; {TID}", "held_out"),
+                      "445c2c0fcb47898e9cd8e6de640f2545621d27cbb248c69ef2c84d8204723061", KT, "held_out"),
     "kodim08": Source(*PYIQA, "ResultsCalibra/ref_dir/I08.bmp",
-                      "b5d6738ece811f45f43c5bce425ad5d18d5c78466989001fe1129fcdd08efdab", f"{KODAK}; {TID}", "held_out"),
+                      "b5d6738ece811f45f43c5bce425ad5d18d5c78466989001fe1129fcdd08efdab", KT, "held_out"),
     "kodim19": Source(*PYIQA, "ResultsCalibra/ref_dir/I19.bmp",
-                      "b8a2ede827d8db21c45f9ca1fb1c043bcec571b5a7243b4ea1aab3fb4feb7e0b", f"{KODAK}; {TID}", "held_out"),
+                      "b8a2ede827d8db21c45f9ca1fb1c043bcec571b5a7243b4ea1aab3fb4feb7e0b", KT, "held_out"),
     "kodim23": Source(*SPORCO, "sporco/data/kodim23.png",
                       "34d8f029d2eae3ed37b65e2f94fd2c319923ebfae0fa8bff5f001e2565b7d80f",
                       f"{KODAK}; the 768x512 copy in sporco 0.2.2.post1 (BSD-3-Clause package)", "held_out"),
@@ -87,7 +88,7 @@ PHOTOS: dict[str, Source] = {
                       "attributed to Allen Gersho; redistributed by sporco as free to redistribute", "train"),
     "raccoon": Source(*SCIPY, "scipy/misc/face.dat",
                       "9d8b0b4d081313e2b485748c770472e5a95ed1738146883d84c7030493e82886",
-                      "scipy.misc.face: raccoon-procyon-lotor.jpg from public-domain-image.com, public domain", "train"),
+                      "scipy.misc.face (raccoon-procyon-lotor.jpg, public-domain-image.com), public domain", "train"),
     "rocket": Source(*SKIMAGE, "skimage/data/rocket.jpg",
                      "c2dd0de7c538df8d111e479619b129464d0269d0ae5fd18ca91d33a7fdfea95c",
                      "SpaceX, public domain (CC0)", "train"),
