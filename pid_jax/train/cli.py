@@ -33,6 +33,12 @@ def register(sub) -> None:
         help="directory of *.png/*.jpg, each with optional <stem>.npy (caption embedding [L, D]), <stem>.txt "
         "(caption, needs --gemma) and <stem>.latent.npy (LQ latent of the whole image: no random crop)",
     )
+    g.add_argument(
+        "--alpha",
+        choices=("refuse", "white", "black"),
+        default="refuse",
+        help="transparent images: refuse them, or composite over white / black (as upscale); opaque alpha is dropped",
+    )
     g.add_argument("--stage", choices=("teacher", "full"), default="teacher", help=STAGE_HELP)
     g.add_argument("--steps", type=int, required=True, help="train until this many steps in total")
     g.add_argument("--batch", type=int, default=1, help="global batch (divisible by the mesh's data axis)")
@@ -155,6 +161,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         null_caption=args.null_caption,
         vae=args.vae,
         vae_kind=args.vae_kind,
+        alpha=args.alpha,
         seed=args.seed,
         mesh=args.mesh,
         save_every=args.save_every,

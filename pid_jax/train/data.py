@@ -2,7 +2,8 @@
 
 Layout of a dataset directory (flat; files are matched by stem):
 
-  <stem>.png | <stem>.jpg | <stem>.jpeg   the high-resolution image (any mode; converted to RGB)
+  <stem>.png | <stem>.jpg | <stem>.jpeg   the high-resolution image, read as every verb reads images
+                      (`pid_jax.images`: 16-bit to 8 bits, EXIF orientation, transparent images refused)
   <stem>.npy          optional: its caption embedding [L, D] (or [1, L, D]), D = the network's txt_embed_dim
   <stem>.txt          optional: its caption, encoded once with the JAX Gemma-2 (`--gemma DIR`); an error without
   <stem>.latent.npy   optional: the clean normalised LQ latent [C, H/s, W/s] of the WHOLE image (s = the
@@ -58,6 +59,7 @@ class DataSpec:
     width: int
     caption_shape: tuple[int, int]
     latent_shape: tuple[int, int, int] | None = None
+    alpha: str = "refuse"  # transparent images: refused, or composited over "white" / "black" (pid_jax.images)
 
 
 def scan(root: str | os.PathLike) -> list[Record]:
@@ -95,16 +97,6 @@ def _npy_shape(path: str) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(a.shape), a.dtype
 
 
-def _image_size(path: str) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return im.height, im.width
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputError(f"{path}: unreadable image ({type(e).__name__}: {str(e)[:120]})") from None
-
-
 def check(records: Sequence[Record], spec: DataSpec) -> None:
     """Validate every record against `spec` before any compile: shapes of embeddings and latents, image sizes."""
     if not records:
@@ -115,7 +107,7 @@ def check(records: Sequence[Record], spec: DataSpec) -> None:
         raise InputError(f"{with_latent} of {len(records)} images have a .latent.npy but {missing} has none")
     h, w = spec.height, spec.width
     for r in records:
-        ih, iw = _image_size(r.image)
+        ih, iw = _decoded(r.image, spec.alpha).shape[:2]  # decoded whole, as training reads it (upright, RGB)
         if r.latent is not None:
             if (ih, iw) != (h, w):
                 raise InputError(
@@ -195,25 +187,25 @@ _decoded_cache: collections.OrderedDict[tuple, np.ndarray] = collections.Ordered
 _cache_lock = threading.Lock()
 
 
-def _decoded(path: str) -> np.ndarray:
-    """uint8 RGB [H, W, 3], read-only; cached by (path, size, mtime), least recently used evicted first."""
-    from PIL import Image
+def _decoded(path: str, alpha: str = "refuse") -> np.ndarray:
+    """uint8 RGB [H, W, 3], read-only; cached by (path, size, mtime), least recently used evicted first.
+
+    Read as every verb reads images (`pid_jax.images.read_image`): 16-bit PNGs keep their high byte, the EXIF
+    orientation is applied, an opaque alpha channel is dropped and a transparent one refused, a truncated
+    file is an error."""
+    from pid_jax.images import read_image
 
     try:
         st = os.stat(path)
-        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, alpha)
     except OSError as e:
-        raise InputError(f"{path}: unreadable image ({type(e).__name__}: {str(e)[:120]})") from None
+        raise InputError(f"image {path}: unreadable ({type(e).__name__}: {str(e)[:120]})") from None
     with _cache_lock:
         hit = _decoded_cache.get(key)
         if hit is not None:
             _decoded_cache.move_to_end(key)
             return hit
-    try:
-        with Image.open(path) as im:
-            a = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except Exception as e:
-        raise InputError(f"{path}: unreadable image ({type(e).__name__}: {str(e)[:120]})") from None
+    a = read_image(path, alpha).pixels
     a.setflags(write=False)
     if a.nbytes <= IMAGE_CACHE_BYTES:
         with _cache_lock:
@@ -228,9 +220,9 @@ def _signed(a: np.ndarray) -> np.ndarray:
     return (a.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
 
 
-def load_image(path: str) -> np.ndarray:
+def load_image(path: str, alpha: str = "refuse") -> np.ndarray:
     """RGB float32 [3, H, W] in [-1, 1]."""
-    return _signed(_decoded(path))
+    return _signed(_decoded(path, alpha))
 
 
 def _cover(img: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -259,7 +251,7 @@ class SampleLoader:
         g, ri = item
         r = self.records[ri]
         rng = np.random.default_rng([self.seed, 1, g])  # the crop and the caption drop of global sample g
-        img = _decoded(r.image)
+        img = _decoded(r.image, self.spec.alpha)
         h, w = self.spec.height, self.spec.width
         out: dict[str, np.ndarray] = {}
         if r.latent is not None:
@@ -342,6 +334,10 @@ class BatchIterator:
         ds = ds.to_iter_dataset()
         if self._workers > 0:
             _absl_flags_parsed()
+            # Batches come back through the workers' queues (pickled), not shared memory: when a worker fails,
+            # grain leaves the shared-memory blocks of batches already made behind in /dev/shm.
+            no_shm = grain.experimental.DatasetOptions(min_shm_size=2**62)
+            ds = grain.experimental.WithOptionsIterDataset(ds, no_shm)
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
         self._it = iter(ds)
         return self

@@ -50,7 +50,9 @@ from pid_jax.train.config import TrainConfig
 RUN_FORMAT = 1
 # What a resumed run must share with the run it continues (the rest -- steps, save/sample/log cadence,
 # workers -- may change between invocations).
-IDENTITY_KEYS = ("preset", "train", "data", "batch", "size", "seed", "init", "latent", "null_caption", "gemma")
+IDENTITY_KEYS = (
+    "preset", "train", "data", "batch", "size", "seed", "init", "latent", "null_caption", "gemma", "alpha", "skipped"
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,7 @@ class RunOptions:
     null_caption: str | None = None
     vae: str | None = None
     vae_kind: str | None = None
+    alpha: str = "refuse"
     seed: int = 0
     mesh: tuple[int, int] | None = None
     save_every: int = 500
@@ -144,6 +147,8 @@ def _identity(opts: RunOptions, preset: Preset, tcfg: TrainConfig, latent: str) 
         "latent": latent if latent != "vae" else f"vae:{Path(opts.vae).resolve()}",
         "null_caption": str(Path(opts.null_caption).resolve()) if opts.null_caption else None,
         "gemma": opts.gemma,
+        # Only when not the default, so runs recorded before these keys existed still resume.
+        **({"alpha": opts.alpha} if opts.alpha != "refuse" else {}),
     }
 
 
@@ -366,7 +371,7 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
     null = data_lib.null_caption(cfg.txt_embed_dim, length, opts.null_caption, gemma_encode)
     scale = cfg.pixel_scale
     latent_shape = (cfg.lq_latent_channels, h // scale, w // scale) if latent_mode == "precomputed" else None
-    spec = data_lib.DataSpec(h, w, tuple(null.shape), latent_shape)
+    spec = data_lib.DataSpec(h, w, tuple(null.shape), latent_shape, opts.alpha)
     data_lib.check(records, spec)
     out = absolute(opts.out)
     ident = _identity(opts, preset, tcfg, latent_mode)
