@@ -39,6 +39,13 @@ def register(sub) -> None:
         default="refuse",
         help="transparent images: refuse them, or composite over white / black (as upscale); opaque alpha is dropped",
     )
+    g.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="train without the images that fail the up-front check (every image is decoded before anything is "
+        "written; without this flag any bad one refuses the run, all listed); the skipped ones go to log.txt and "
+        "run.json",
+    )
     g.add_argument("--stage", choices=("teacher", "full"), default="teacher", help=STAGE_HELP)
     g.add_argument("--steps", type=int, required=True, help="train until this many steps in total")
     g.add_argument("--batch", type=int, default=1, help="global batch (divisible by the mesh's data axis)")
@@ -169,6 +176,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         log_every=args.log_every,
         workers=args.workers,
         resume=args.resume,
+        skip_bad=args.skip_bad,
         export=not args.no_export,
         attn=args.attn,
         train_overrides={k: v for k, v in overrides.items() if v is not None},

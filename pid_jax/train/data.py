@@ -97,35 +97,78 @@ def _npy_shape(path: str) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(a.shape), a.dtype
 
 
-def check(records: Sequence[Record], spec: DataSpec) -> None:
-    """Validate every record against `spec` before any compile: shapes of embeddings and latents, image sizes."""
+def caption_length(records: Sequence[Record], default: int) -> int:
+    """L of the first readable caption embedding (the null caption's length must match), else `default`."""
+    for r in records:
+        if r.caption is not None:
+            try:
+                return _npy_shape(r.caption)[0][-2]
+            except (InputError, IndexError):
+                continue  # a damaged one is reported with the others by `check`
+    return default
+
+
+def _check_record(r: Record, spec: DataSpec) -> None:
+    h, w = spec.height, spec.width
+    ih, iw = _decoded(r.image, spec.alpha).shape[:2]  # decoded whole, as training reads it (upright, RGB)
+    if r.latent is not None:
+        if (ih, iw) != (h, w):
+            raise InputError(
+                f"{r.image}: {ih}x{iw}, but with a precomputed .latent.npy the image must be exactly the "
+                f"training size {h}x{w} (a crop would not match its latent)"
+            )
+        shape, _ = _npy_shape(r.latent)
+        if spec.latent_shape is not None and shape != spec.latent_shape:
+            raise InputError(f"{r.latent}: latent shape {shape}, expected {spec.latent_shape} for {h}x{w}")
+    if r.caption is not None:
+        shape, _ = _npy_shape(r.caption)
+        if shape[:1] == (1,) and len(shape) == 3:
+            shape = shape[1:]
+        if shape != spec.caption_shape:
+            raise InputError(
+                f"{r.caption}: caption embedding shape {shape}, expected {spec.caption_shape} "
+                "([L, D]: D the network's txt_embed_dim, L that of the null caption)"
+            )
+
+
+def _problem(r: Record, spec: DataSpec) -> str | None:
+    try:
+        _check_record(r, spec)
+    except InputError as e:
+        return str(e)
+    except Exception as e:  # anything else a damaged file raises while being read
+        return f"{r.image}: unreadable ({type(e).__name__}: {str(e)[:120]})"
+    return None
+
+
+def check(
+    records: Sequence[Record], spec: DataSpec, skip_bad: bool = False
+) -> tuple[list[Record], list[tuple[str, str]]]:
+    """Validate every record against `spec` before anything is written or compiled: every image is decoded
+    whole (a truncated file is found here, not mid-run), embeddings' and latents' shapes, image sizes.
+
+    Returns (the records to train on, [(image, reason)] of those left out). Every bad record is reported at
+    once: an InputError listing them all, or with `skip_bad` they are left out (an error if none is left)."""
     if not records:
         raise InputError("the dataset has no images")
     with_latent = sum(r.latent is not None for r in records)
     if with_latent not in (0, len(records)):
         missing = next(r.image for r in records if r.latent is None)
         raise InputError(f"{with_latent} of {len(records)} images have a .latent.npy but {missing} has none")
-    h, w = spec.height, spec.width
-    for r in records:
-        ih, iw = _decoded(r.image, spec.alpha).shape[:2]  # decoded whole, as training reads it (upright, RGB)
-        if r.latent is not None:
-            if (ih, iw) != (h, w):
-                raise InputError(
-                    f"{r.image}: {ih}x{iw}, but with a precomputed .latent.npy the image must be exactly the "
-                    f"training size {h}x{w} (a crop would not match its latent)"
-                )
-            shape, _ = _npy_shape(r.latent)
-            if spec.latent_shape is not None and shape != spec.latent_shape:
-                raise InputError(f"{r.latent}: latent shape {shape}, expected {spec.latent_shape} for {h}x{w}")
-        if r.caption is not None:
-            shape, _ = _npy_shape(r.caption)
-            if shape[:1] == (1,) and len(shape) == 3:
-                shape = shape[1:]
-            if shape != spec.caption_shape:
-                raise InputError(
-                    f"{r.caption}: caption embedding shape {shape}, expected {spec.caption_shape} "
-                    "([L, D]: D the network's txt_embed_dim, L that of the null caption)"
-                )
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
+        problems = list(pool.map(lambda r: _problem(r, spec), records))
+    bad = [(r.image, p) for r, p in zip(records, problems, strict=True) if p is not None]
+    kept = [r for r, p in zip(records, problems, strict=True) if p is None]
+    if bad and not skip_bad:
+        raise InputError(
+            f"{len(bad)} of {len(records)} training images are bad (fix or remove them, or pass --skip-bad to train "
+            f"without them): " + "; ".join(p for _, p in bad)
+        )
+    if not kept:
+        raise InputError(f"all {len(records)} training images are bad: " + "; ".join(p for _, p in bad))
+    return kept, bad
 
 
 def null_caption(
