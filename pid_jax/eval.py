@@ -49,16 +49,11 @@ def held_out_paths() -> list[Path]:
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """uint8 RGB [H, W, 3] (alpha dropped, greyscale replicated)."""
-    from PIL import Image
+    """uint8 RGB [H, W, 3], read as every verb reads images (`pid_jax.images.read_image`: 16-bit to 8 bits,
+    EXIF orientation, opaque alpha dropped, transparent images refused)."""
+    from pid_jax.images import read_image
 
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), np.uint8)
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such image") from None
-    except Exception as e:
-        raise InputError(f"{path}: unreadable image ({type(e).__name__})") from None
+    return read_image(path).pixels
 
 
 def crop_multiple(img: np.ndarray, multiple: int = MULTIPLE) -> np.ndarray:

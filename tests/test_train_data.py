@@ -38,7 +38,7 @@ def test_scan_errors(tmp_path: Path) -> None:
         D.scan(tmp_path / "empty")
     d = make_images(tmp_path / "bad", 2, 40, 40, captions=True)
     (d / "img01.png").write_bytes(b"not a png at all")
-    with pytest.raises(InputError, match=r"img01\.png: unreadable image"):
+    with pytest.raises(InputError, match=r"img01\.png: unreadable or truncated"):
         D.check(D.scan(d), SPEC)
     d = make_images(tmp_path / "shape", 2, 40, 40, captions=True)
     np.save(d / "img01.npy", np.zeros((4, 9), np.float32))
@@ -141,6 +141,51 @@ def test_worker_error_is_one_line(tmp_path: Path) -> None:
     d = make_images(tmp_path / "d", 2, 40, 48)
     loader = _loader(d)
     (d / "img01.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)  # damaged after the check
-    with pytest.raises(InputError, match=r"img01\.png: unreadable image") as e:
+    with pytest.raises(InputError, match=r"img01\.png: unreadable or truncated") as e:
         _batches(loader, 2, 1)
     assert "\n" not in str(e.value)
+
+
+def test_images_are_read_as_every_verb_reads_them(tmp_path: Path) -> None:
+    """Issue 18, item 4: training reads through `pid_jax.images` (a mid-grey 16-bit PNG used to train as white,
+    EXIF orientation was ignored, a transparent image was accepted)."""
+    from PIL import Image
+
+    from pid_jax.images import read_image
+
+    d = tmp_path / "d"
+    d.mkdir()
+    Image.fromarray(np.full((32, 40), 32768, np.uint16)).save(d / "grey16.png")  # 16-bit grayscale mid-grey
+    with Image.open(d / "grey16.png") as im:
+        assert im.mode.startswith("I;16") and np.asarray(im.convert("RGB")).min() == 255  # what the bare reader saw
+    tall = np.zeros((48, 32, 3), np.uint8)
+    tall[:, 16:] = 255  # left half black, right half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: shown rotated 90 degrees clockwise
+    Image.fromarray(tall).save(d / "rotated.jpg", exif=exif, quality=95)
+    spec = D.DataSpec(32, 32, (4, 8))
+    records = D.scan(d)
+    D.check(records, spec)
+    x = D.load_image(str(d / "grey16.png"))
+    assert x.shape == (3, 32, 40) and np.allclose(x, 128 / 127.5 - 1.0, atol=1e-6)  # the high byte, as upscale reads it
+    r = D.load_image(str(d / "rotated.jpg"))
+    assert r.shape == (3, 32, 48)  # upright: 32 rows of 48
+    want = np.rot90(tall, k=-1)  # clockwise: the white right half becomes the bottom
+    assert np.abs((r.transpose(1, 2, 0) + 1) * 127.5 - want).mean() < 8
+    assert np.array_equal(D._decoded(str(d / "rotated.jpg")), read_image(d / "rotated.jpg").pixels)
+    loader = D.SampleLoader(tuple(records), spec, np.zeros((4, 8), np.float32), seed=0)
+    sample = loader((0, 0))  # grey16.png, sorted first
+    assert np.allclose(sample["x0"], 128 / 127.5 - 1.0, atol=1e-6)
+    # A semi-transparent image is refused with upscale's message, unless a background is chosen.
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., 3] = 128
+    Image.fromarray(rgba, "RGBA").save(d / "ghost.png")
+    with pytest.raises(InputError) as e:
+        D.check(D.scan(d), spec)
+    with pytest.raises(InputError) as upscale_err:
+        read_image(d / "ghost.png")
+    assert str(upscale_err.value) in str(e.value)
+    assert "has transparent pixels (alpha channel)" in str(e.value)
+    D.check(D.scan(d), D.DataSpec(32, 32, (4, 8), alpha="white"))
+    ghost = D.load_image(str(d / "ghost.png"), "white")  # black at alpha 128/255 over white: 127, mid-grey
+    assert np.allclose(ghost, 127 / 127.5 - 1.0, atol=1e-6)

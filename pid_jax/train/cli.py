@@ -33,6 +33,19 @@ def register(sub) -> None:
         help="directory of *.png/*.jpg, each with optional <stem>.npy (caption embedding [L, D]), <stem>.txt "
         "(caption, needs --gemma) and <stem>.latent.npy (LQ latent of the whole image: no random crop)",
     )
+    g.add_argument(
+        "--alpha",
+        choices=("refuse", "white", "black"),
+        default="refuse",
+        help="transparent images: refuse them, or composite over white / black (as upscale); opaque alpha is dropped",
+    )
+    g.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="train without the images that fail the up-front check (every image is decoded before anything is "
+        "written; without this flag any bad one refuses the run, all listed); the skipped ones go to log.txt and "
+        "run.json",
+    )
     g.add_argument("--stage", choices=("teacher", "full"), default="teacher", help=STAGE_HELP)
     g.add_argument("--steps", type=int, required=True, help="train until this many steps in total")
     g.add_argument("--batch", type=int, default=1, help="global batch (divisible by the mesh's data axis)")
@@ -155,6 +168,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         null_caption=args.null_caption,
         vae=args.vae,
         vae_kind=args.vae_kind,
+        alpha=args.alpha,
         seed=args.seed,
         mesh=args.mesh,
         save_every=args.save_every,
@@ -162,6 +176,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         log_every=args.log_every,
         workers=args.workers,
         resume=args.resume,
+        skip_bad=args.skip_bad,
         export=not args.no_export,
         attn=args.attn,
         train_overrides={k: v for k, v in overrides.items() if v is not None},

@@ -2,7 +2,8 @@
 
 Layout of a dataset directory (flat; files are matched by stem):
 
-  <stem>.png | <stem>.jpg | <stem>.jpeg   the high-resolution image (any mode; converted to RGB)
+  <stem>.png | <stem>.jpg | <stem>.jpeg   the high-resolution image, read as every verb reads images
+                      (`pid_jax.images`: 16-bit to 8 bits, EXIF orientation, transparent images refused)
   <stem>.npy          optional: its caption embedding [L, D] (or [1, L, D]), D = the network's txt_embed_dim
   <stem>.txt          optional: its caption, encoded once with the JAX Gemma-2 (`--gemma DIR`); an error without
   <stem>.latent.npy   optional: the clean normalised LQ latent [C, H/s, W/s] of the WHOLE image (s = the
@@ -58,6 +59,7 @@ class DataSpec:
     width: int
     caption_shape: tuple[int, int]
     latent_shape: tuple[int, int, int] | None = None
+    alpha: str = "refuse"  # transparent images: refused, or composited over "white" / "black" (pid_jax.images)
 
 
 def scan(root: str | os.PathLike) -> list[Record]:
@@ -95,45 +97,78 @@ def _npy_shape(path: str) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(a.shape), a.dtype
 
 
-def _image_size(path: str) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
+def caption_length(records: Sequence[Record], default: int) -> int:
+    """L of the first readable caption embedding (the null caption's length must match), else `default`."""
+    for r in records:
+        if r.caption is not None:
+            try:
+                return _npy_shape(r.caption)[0][-2]
+            except (InputError, IndexError):
+                continue  # a damaged one is reported with the others by `check`
+    return default
 
+
+def _check_record(r: Record, spec: DataSpec) -> None:
+    h, w = spec.height, spec.width
+    ih, iw = _decoded(r.image, spec.alpha).shape[:2]  # decoded whole, as training reads it (upright, RGB)
+    if r.latent is not None:
+        if (ih, iw) != (h, w):
+            raise InputError(
+                f"{r.image}: {ih}x{iw}, but with a precomputed .latent.npy the image must be exactly the "
+                f"training size {h}x{w} (a crop would not match its latent)"
+            )
+        shape, _ = _npy_shape(r.latent)
+        if spec.latent_shape is not None and shape != spec.latent_shape:
+            raise InputError(f"{r.latent}: latent shape {shape}, expected {spec.latent_shape} for {h}x{w}")
+    if r.caption is not None:
+        shape, _ = _npy_shape(r.caption)
+        if shape[:1] == (1,) and len(shape) == 3:
+            shape = shape[1:]
+        if shape != spec.caption_shape:
+            raise InputError(
+                f"{r.caption}: caption embedding shape {shape}, expected {spec.caption_shape} "
+                "([L, D]: D the network's txt_embed_dim, L that of the null caption)"
+            )
+
+
+def _problem(r: Record, spec: DataSpec) -> str | None:
     try:
-        with Image.open(path) as im:
-            return im.height, im.width
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputError(f"{path}: unreadable image ({type(e).__name__}: {str(e)[:120]})") from None
+        _check_record(r, spec)
+    except InputError as e:
+        return str(e)
+    except Exception as e:  # anything else a damaged file raises while being read
+        return f"{r.image}: unreadable ({type(e).__name__}: {str(e)[:120]})"
+    return None
 
 
-def check(records: Sequence[Record], spec: DataSpec) -> None:
-    """Validate every record against `spec` before any compile: shapes of embeddings and latents, image sizes."""
+def check(
+    records: Sequence[Record], spec: DataSpec, skip_bad: bool = False
+) -> tuple[list[Record], list[tuple[str, str]]]:
+    """Validate every record against `spec` before anything is written or compiled: every image is decoded
+    whole (a truncated file is found here, not mid-run), embeddings' and latents' shapes, image sizes.
+
+    Returns (the records to train on, [(image, reason)] of those left out). Every bad record is reported at
+    once: an InputError listing them all, or with `skip_bad` they are left out (an error if none is left)."""
     if not records:
         raise InputError("the dataset has no images")
     with_latent = sum(r.latent is not None for r in records)
     if with_latent not in (0, len(records)):
         missing = next(r.image for r in records if r.latent is None)
         raise InputError(f"{with_latent} of {len(records)} images have a .latent.npy but {missing} has none")
-    h, w = spec.height, spec.width
-    for r in records:
-        ih, iw = _image_size(r.image)
-        if r.latent is not None:
-            if (ih, iw) != (h, w):
-                raise InputError(
-                    f"{r.image}: {ih}x{iw}, but with a precomputed .latent.npy the image must be exactly the "
-                    f"training size {h}x{w} (a crop would not match its latent)"
-                )
-            shape, _ = _npy_shape(r.latent)
-            if spec.latent_shape is not None and shape != spec.latent_shape:
-                raise InputError(f"{r.latent}: latent shape {shape}, expected {spec.latent_shape} for {h}x{w}")
-        if r.caption is not None:
-            shape, _ = _npy_shape(r.caption)
-            if shape[:1] == (1,) and len(shape) == 3:
-                shape = shape[1:]
-            if shape != spec.caption_shape:
-                raise InputError(
-                    f"{r.caption}: caption embedding shape {shape}, expected {spec.caption_shape} "
-                    "([L, D]: D the network's txt_embed_dim, L that of the null caption)"
-                )
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
+        problems = list(pool.map(lambda r: _problem(r, spec), records))
+    bad = [(r.image, p) for r, p in zip(records, problems, strict=True) if p is not None]
+    kept = [r for r, p in zip(records, problems, strict=True) if p is None]
+    if bad and not skip_bad:
+        raise InputError(
+            f"{len(bad)} of {len(records)} training images are bad (fix or remove them, or pass --skip-bad to train "
+            f"without them): " + "; ".join(p for _, p in bad)
+        )
+    if not kept:
+        raise InputError(f"all {len(records)} training images are bad: " + "; ".join(p for _, p in bad))
+    return kept, bad
 
 
 def null_caption(
@@ -195,25 +230,25 @@ _decoded_cache: collections.OrderedDict[tuple, np.ndarray] = collections.Ordered
 _cache_lock = threading.Lock()
 
 
-def _decoded(path: str) -> np.ndarray:
-    """uint8 RGB [H, W, 3], read-only; cached by (path, size, mtime), least recently used evicted first."""
-    from PIL import Image
+def _decoded(path: str, alpha: str = "refuse") -> np.ndarray:
+    """uint8 RGB [H, W, 3], read-only; cached by (path, size, mtime), least recently used evicted first.
+
+    Read as every verb reads images (`pid_jax.images.read_image`): 16-bit PNGs keep their high byte, the EXIF
+    orientation is applied, an opaque alpha channel is dropped and a transparent one refused, a truncated
+    file is an error."""
+    from pid_jax.images import read_image
 
     try:
         st = os.stat(path)
-        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, alpha)
     except OSError as e:
-        raise InputError(f"{path}: unreadable image ({type(e).__name__}: {str(e)[:120]})") from None
+        raise InputError(f"image {path}: unreadable ({type(e).__name__}: {str(e)[:120]})") from None
     with _cache_lock:
         hit = _decoded_cache.get(key)
         if hit is not None:
             _decoded_cache.move_to_end(key)
             return hit
-    try:
-        with Image.open(path) as im:
-            a = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except Exception as e:
-        raise InputError(f"{path}: unreadable image ({type(e).__name__}: {str(e)[:120]})") from None
+    a = read_image(path, alpha).pixels
     a.setflags(write=False)
     if a.nbytes <= IMAGE_CACHE_BYTES:
         with _cache_lock:
@@ -228,9 +263,9 @@ def _signed(a: np.ndarray) -> np.ndarray:
     return (a.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
 
 
-def load_image(path: str) -> np.ndarray:
+def load_image(path: str, alpha: str = "refuse") -> np.ndarray:
     """RGB float32 [3, H, W] in [-1, 1]."""
-    return _signed(_decoded(path))
+    return _signed(_decoded(path, alpha))
 
 
 def _cover(img: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -259,7 +294,7 @@ class SampleLoader:
         g, ri = item
         r = self.records[ri]
         rng = np.random.default_rng([self.seed, 1, g])  # the crop and the caption drop of global sample g
-        img = _decoded(r.image)
+        img = _decoded(r.image, self.spec.alpha)
         h, w = self.spec.height, self.spec.width
         out: dict[str, np.ndarray] = {}
         if r.latent is not None:
@@ -342,6 +377,10 @@ class BatchIterator:
         ds = ds.to_iter_dataset()
         if self._workers > 0:
             _absl_flags_parsed()
+            # Batches come back through the workers' queues (pickled), not shared memory: when a worker fails,
+            # grain leaves the shared-memory blocks of batches already made behind in /dev/shm.
+            no_shm = grain.experimental.DatasetOptions(min_shm_size=2**62)
+            ds = grain.experimental.WithOptionsIterDataset(ds, no_shm)
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
         self._it = iter(ds)
         return self

@@ -50,7 +50,9 @@ from pid_jax.train.config import TrainConfig
 RUN_FORMAT = 1
 # What a resumed run must share with the run it continues (the rest -- steps, save/sample/log cadence,
 # workers -- may change between invocations).
-IDENTITY_KEYS = ("preset", "train", "data", "batch", "size", "seed", "init", "latent", "null_caption", "gemma")
+IDENTITY_KEYS = (
+    "preset", "train", "data", "batch", "size", "seed", "init", "latent", "null_caption", "gemma", "alpha", "skipped"
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,7 @@ class RunOptions:
     null_caption: str | None = None
     vae: str | None = None
     vae_kind: str | None = None
+    alpha: str = "refuse"
     seed: int = 0
     mesh: tuple[int, int] | None = None
     save_every: int = 500
@@ -74,6 +77,7 @@ class RunOptions:
     log_every: int = 10
     workers: int = 0
     resume: bool = False
+    skip_bad: bool = False
     export: bool = True
     attn: str = "auto"
     train_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -144,6 +148,8 @@ def _identity(opts: RunOptions, preset: Preset, tcfg: TrainConfig, latent: str) 
         "latent": latent if latent != "vae" else f"vae:{Path(opts.vae).resolve()}",
         "null_caption": str(Path(opts.null_caption).resolve()) if opts.null_caption else None,
         "gemma": opts.gemma,
+        # Only when not the default, so runs recorded before these keys existed still resume.
+        **({"alpha": opts.alpha} if opts.alpha != "refuse" else {}),
     }
 
 
@@ -247,7 +253,8 @@ def _load_network(preset: Preset, opts: RunOptions, log: Progress):
 class _Progress:
     """A live one-line bar on a terminal (step, loss, steps/s, ETA); plain lines every `every` steps otherwise."""
 
-    def __init__(self, total: int, start: int, every: int, stream=sys.stderr):
+    def __init__(self, total: int, start: int, every: int, stream=None):
+        stream = sys.stderr if stream is None else stream  # looked up now: sys.stderr may have been replaced
         self.total, self.start, self.every, self.stream = total, start, max(1, every), stream
         self.tty = stream.isatty()
         self.t0 = time.perf_counter()
@@ -369,20 +376,23 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
     elif any(r.text is not None for r in records):
         raise InputError(f"{next(r.text for r in records if r.text)}: a text caption needs --gemma DIR to encode it")
     cfg = preset.network
-    first_emb = next((r.caption for r in records if r.caption is not None), None)
-    length = data_lib._npy_shape(first_emb)[0][-2] if first_emb else min(cfg.txt_max_length, 300)
+    length = data_lib.caption_length(records, min(cfg.txt_max_length, 300))
     null = data_lib.null_caption(cfg.txt_embed_dim, length, opts.null_caption, gemma_encode)
     scale = cfg.pixel_scale
     latent_shape = (cfg.lq_latent_channels, h // scale, w // scale) if latent_mode == "precomputed" else None
-    spec = data_lib.DataSpec(h, w, tuple(null.shape), latent_shape)
-    data_lib.check(records, spec)
+    spec = data_lib.DataSpec(h, w, tuple(null.shape), latent_shape, opts.alpha)
+    records, skipped = data_lib.check(records, spec, opts.skip_bad)
     out = absolute(opts.out)
     ident = _identity(opts, preset, tcfg, latent_mode)
+    if skipped:  # a resume must skip the same files (else its data order would differ)
+        ident["skipped"] = [str(Path(f).resolve()) for f, _ in skipped]
+        ident["skipped_reasons"] = [why for _, why in skipped]
     _check_run_dir(out, ident, opts.resume)
 
     # 2. The network (a strict init load refuses a mismatched checkpoint here, before anything is written).
     primary = proc == 0
-    messages: list[str] = []
+    messages: list[str] = [f"--skip-bad: {len(skipped)} bad image(s) left out:"] if skipped else []
+    messages += [f"  skipped {why}" for _, why in skipped]
     model = _load_network(preset, opts, messages.append)
     encoder = _latent_encoder(latent_mode, preset, opts, tcfg)
     if n_proc > 1:  # every process has checked the run directory before process 0 writes into it
