@@ -194,14 +194,16 @@ def peek_preset(backbone: str | None, variant: str, checkpoint: str | None, conf
 def check_caption_args(preset, prompt: str | None, caption_embeddings: str | None, gemma: str | None) -> bool:
     """Refuse caption arguments the preset's network cannot take; True when the null caption (zeros) is to be used.
 
-    A network without the Gemma-2 caption stream (pixel_sr4x) takes no --prompt and no --gemma (refused before
-    any Gemma download); one with it needs exactly one of --prompt and --caption-embeddings."""
-    if preset is not None and not preset.network.gemma_captions:
-        if prompt is not None:
-            raise preset.network.no_captions_error(preset.name, "--prompt")
-        if gemma is not None:
-            raise preset.network.no_captions_error(preset.name, "--gemma")
-        return caption_embeddings is None
+    A network trained without captions (pixel_sr4x) takes no --prompt and no --gemma, and one whose caption width
+    is not Gemma-2's takes no --prompt: refused before any Gemma download. Otherwise exactly one of --prompt and
+    --caption-embeddings."""
+    if preset is not None:
+        for flag, value in (("--prompt", prompt), ("--gemma", gemma)):
+            refusal = preset.caption_encoder_error(flag) if value is not None else None
+            if refusal is not None:
+                raise refusal
+        if not preset.takes_captions:
+            return caption_embeddings is None
     if (prompt is None) == (caption_embeddings is None):
         raise InputError('give exactly one of --prompt ("" is upstream\'s dropped caption) and --caption-embeddings')
     return False
