@@ -74,6 +74,55 @@ def _chunk(text: str) -> int | str:
 
 _mesh_arg = _pair("DxS (data x sequence)", "1x4")
 
+# Help texts of flags several verbs share.
+MESH_HELP = "device mesh DxS: data x sequence axes, e.g. 4x1 (default: one device)"
+DTYPE_HELP = "compute and weight dtype"
+SEED_HELP = "random seed (noise); the same seed gives the same output"
+ATTN_HELP = "attention implementation: auto, xla, blocked, cudnn"
+
+
+def format_default(value: object) -> str:
+    """A default as a user types it: (256, 256) -> 256x256, [1, 2] -> 1,2, strings unquoted."""
+    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return f"{value[0]}x{value[1]}"
+    if isinstance(value, list | tuple):
+        return ",".join(format_default(v) for v in value)
+    return str(value)
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every verb's help formatter: appends "(default: X)" to a flag's help unless the help already says its
+    default, the default is None (nothing set) or the flag is a switch; tuples and lists shown as typed."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            default is None
+            or default is argparse.SUPPRESS
+            or isinstance(default, bool)
+            or action.nargs == 0
+            or "default" in text.lower()
+        ):
+            return text
+        return f"{text} (default: {format_default(default).replace('%', '%%')})"
+
+
+class RawDescriptionDefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
+    """The same, for a verb whose description is laid out by hand."""
+
+
+def use_defaults_formatter(parser: argparse.ArgumentParser) -> None:
+    """Give a parser and all its verbs the shared formatter (keeping hand-laid-out descriptions as they are)."""
+    raw = isinstance(parser.formatter_class, type) and issubclass(
+        parser.formatter_class, argparse.RawDescriptionHelpFormatter
+    )
+    parser.formatter_class = RawDescriptionDefaultsHelpFormatter if raw else DefaultsHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                use_defaults_formatter(sub)
+
 
 # --- verbs ------------------------------------------------------------------------------------------
 
@@ -194,14 +243,16 @@ def peek_preset(backbone: str | None, variant: str, checkpoint: str | None, conf
 def check_caption_args(preset, prompt: str | None, caption_embeddings: str | None, gemma: str | None) -> bool:
     """Refuse caption arguments the preset's network cannot take; True when the null caption (zeros) is to be used.
 
-    A network without the Gemma-2 caption stream (pixel_sr4x) takes no --prompt and no --gemma (refused before
-    any Gemma download); one with it needs exactly one of --prompt and --caption-embeddings."""
-    if preset is not None and not preset.network.gemma_captions:
-        if prompt is not None:
-            raise preset.network.no_captions_error(preset.name, "--prompt")
-        if gemma is not None:
-            raise preset.network.no_captions_error(preset.name, "--gemma")
-        return caption_embeddings is None
+    A network trained without captions (pixel_sr4x) takes no --prompt and no --gemma, and one whose caption width
+    is not Gemma-2's takes no --prompt: refused before any Gemma download. Otherwise exactly one of --prompt and
+    --caption-embeddings."""
+    if preset is not None:
+        for flag, value in (("--prompt", prompt), ("--gemma", gemma)):
+            refusal = preset.caption_encoder_error(flag) if value is not None else None
+            if refusal is not None:
+                raise refusal
+        if not preset.takes_captions:
+            return caption_embeddings is None
     if (prompt is None) == (caption_embeddings is None):
         raise InputError('give exactly one of --prompt ("" is upstream\'s dropped caption) and --caption-embeddings')
     return False
@@ -327,6 +378,14 @@ def cmd_encode_caption(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pid_jax.bench import run_bench
 
+    if args.preset is None:  # never a silent default: say which network is timed
+        preset = peek_preset(None, "2k", args.checkpoint, None) if args.checkpoint else None
+        if preset is None:
+            raise InputError(
+                "bench needs --preset NAME (flux_2k: a full-size released network; demo, pixel_sr4x: small ones), "
+                "or --checkpoint DIR (a converted directory names its preset)"
+            )
+        args.preset = preset
     if args.train:  # one training step (forward + backward + update) instead of a decode
         from pid_jax.train.bench import run_train_bench as run_bench
 
@@ -353,15 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_presets)
 
     s = sub.add_parser("convert", help="convert a released .pth/.safetensors into a converted (Orbax) directory")
-    s.add_argument("checkpoint")
+    s.add_argument("checkpoint", help="the released model_ema_bf16.pth (torch zip, read without torch) or .safetensors")
     s.add_argument("--config", required=True, help="preset name or JSON (preset or upstream PidNet arguments)")
-    s.add_argument("--out", required=True)
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--out", required=True, help="the converted directory to write (must not exist unless --overwrite)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out (moved aside, then removed)")
     s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser("parity", help="compare against dumps of the PyTorch reference")
     s.add_argument("--checkpoint", help=".pth, .safetensors or a converted directory")
-    s.add_argument("--config")
+    s.add_argument("--config", help="preset name or JSON for a .pth/.safetensors --checkpoint (or the VAE's JSON)")
     s.add_argument("--io", help="forward dump: in.*, out, act.*")
     s.add_argument(
         "--vae",
@@ -374,71 +433,85 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gemma", help="Gemma-2 directory (config.json + safetensors); compares last_hidden_state")
     s.add_argument("--train", metavar="FIXTURE_DIR", help="replay a recorded upstream training run (train/<name>/)")
     s.add_argument("--torch-reference", metavar="UPSTREAM_DIR", help="dump the reference live (needs torch)")
-    s.add_argument("--torch-python", default=None, help="python with torch for --torch-reference")
-    s.add_argument("--size", type=_size, default=(256, 256), help="image size for --torch-reference")
-    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    s.add_argument("--attn", default="auto", help="attention implementation: auto, xla, blocked, cudnn")
-    s.add_argument("--mesh", type=_mesh_arg, help="DxS device mesh (data x sequence)")
+    s.add_argument(
+        "--torch-python", help="python with torch for --torch-reference (default: the python running pid-jax)"
+    )
+    s.add_argument("--size", type=_size, default=(256, 256), help="image size HxW for --torch-reference")
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help=DTYPE_HELP)
+    s.add_argument("--attn", default="auto", help=ATTN_HELP)
+    s.add_argument("--mesh", type=_mesh_arg, help=MESH_HELP)
     s.set_defaults(fn=cmd_parity)
 
     s = sub.add_parser("decode", help="decode latents to PNG images")
     s.add_argument("--backbone", help="upstream backbone name (flux, flux2, sd3, sdxl, qwenimage, ...)")
-    s.add_argument("--variant", default="2k", help="2k, 2kto4k, 2kto4k_v1pt5 or 2kto4k_v1pt5_undistilled")
-    s.add_argument("--checkpoint")
-    s.add_argument("--config")
+    s.add_argument(
+        "--variant", default="2k", help="with --backbone: 2k, 2kto4k, 2kto4k_v1pt5 or 2kto4k_v1pt5_undistilled"
+    )
+    s.add_argument("--checkpoint", help=".pth/.safetensors (with --config) or a converted directory")
+    s.add_argument(
+        "--config", help="preset name or JSON for --checkpoint; pixel_sr4x alone: the shipped weights (no caption)"
+    )
     s.add_argument("--cache-dir", help="Hugging Face cache directory (default: HF_HOME / HF_HUB_CACHE)")
     s.add_argument("--latent", required=True, help=".npy, .npz or .safetensors, [B, C, h, w] or [C, h, w]")
-    s.add_argument("--prompt")
-    s.add_argument("--caption-embeddings", help=".npy/.npz/.safetensors [B, L, D]")
+    s.add_argument("--prompt", help="the caption, encoded with Gemma-2 ('' is upstream's dropped caption)")
+    s.add_argument("--caption-embeddings", help="instead of --prompt: .npy/.npz/.safetensors [B, L, D]")
     s.add_argument("--gemma", help="caption encoder directory or repo id (default Efficient-Large-Model/gemma-2-2b-it)")
     s.add_argument("--free-encoder", action="store_true", help="release the caption encoder before decoding")
-    s.add_argument("--sigma", type=float, default=0.0)
+    s.add_argument("--sigma", type=float, default=0.0, help="the LDM's sigma at the captured step (0: a final latent)")
     s.add_argument("--steps", type=int, help="sampler steps (default: the preset's: 4, or 25 for an undistilled one)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     s.add_argument("--mode", choices=("sde", "ode"), help="distilled sampler mode (default: the preset's, sde)")
     s.add_argument("--cfg-scale", type=float, help="undistilled presets: guidance scale (default: the preset's, 5)")
     s.add_argument("--shift", type=float, help="undistilled presets: flow shift (default: dynamic, from the size)")
     s.add_argument("--negative-prompt", help="undistilled presets: the unconditional caption (default: upstream's)")
     s.add_argument("--negative-embeddings", help="undistilled presets: its embedding instead, .npy/.npz [1, L, D]")
-    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
-    s.add_argument("--output-size", type=_size)
-    s.add_argument("--mesh", type=_mesh_arg)
-    s.add_argument("--out", required=True)
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help=DTYPE_HELP)
+    s.add_argument(
+        "--output-size", type=_size, help="HxW of the images (default: latent size x the network's pixel scale)"
+    )
+    s.add_argument("--mesh", type=_mesh_arg, help=MESH_HELP)
+    s.add_argument("--out", required=True, help="out.png (a batch: out_0.png, out_1.png, ...)")
     s.set_defaults(fn=cmd_decode)
 
     s = sub.add_parser("demo", help="offline demo: the shipped small PiD super-resolves held-out photographs 4x")
     s.add_argument("--out", help="directory of the comparison PNGs (default pid-jax-demo; --random-weights: demo.png)")
     s.add_argument("--random-weights", action="store_true", help="pipeline check on a small random network instead")
     s.add_argument("--size", type=int, default=256, help="--random-weights: output side in pixels (multiple of 32)")
-    s.add_argument("--steps", type=int, help="sampler steps (default: the shipped model's recorded choice; 4 random)")
-    s.add_argument("--mode", choices=("sde", "ode"), help="sampler mode (default: the recorded choice)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    s.add_argument("--steps", type=int, help="sampler steps (default: the preset's sampler: pixel_sr4x 2, demo 4)")
+    s.add_argument("--mode", choices=("sde", "ode"), help="sampler mode (default: the preset's sampler, sde)")
+    s.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help=DTYPE_HELP)
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("encode-caption", help="encode captions with Gemma-2 into embeddings for reuse")
-    s.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    s.add_argument("--gemma", help="directory or repo id")
-    s.add_argument("--cache-dir")
-    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
-    s.add_argument("--out", required=True)
+    s.add_argument("--prompt", action="append", required=True, help="a caption (repeat for a batch)")
+    s.add_argument("--gemma", help="directory or repo id (default Efficient-Large-Model/gemma-2-2b-it)")
+    s.add_argument("--cache-dir", help="Hugging Face cache directory (default: HF_HOME / HF_HUB_CACHE)")
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help=DTYPE_HELP)
+    s.add_argument("--out", required=True, help="the embeddings [B, 300, 2304] as .npy")
     s.set_defaults(fn=cmd_encode_caption)
 
     s = sub.add_parser("bench", help="benchmark decode speed and memory (optionally against the reference)")
-    s.add_argument("--preset", default="flux_2k")
-    s.add_argument("--random-weights", action="store_true", help="full-size random weights, no download")
-    s.add_argument("--checkpoint")
-    s.add_argument("--size", type=_size, default=(256, 256))
+    s.add_argument(
+        "--preset",
+        help="preset name or JSON to time (required unless --checkpoint is a converted directory; flux_2k is a "
+        "full-size released network, demo and pixel_sr4x are small)",
+    )
+    s.add_argument("--random-weights", action="store_true", help="random weights of the preset's size, no download")
+    s.add_argument("--checkpoint", help="time these weights instead (.pth/.safetensors or a converted directory)")
+    s.add_argument("--size", type=_size, default=(256, 256), help="output image size HxW")
     s.add_argument("--batch", type=_batches, default=1, help="a batch size, or a sweep: 1,2,4,8")
     s.add_argument("--steps", type=int, help="sampler steps (default: the preset's)")
     s.add_argument("--cfg-scale", type=float, help="undistilled presets: guidance scale (default: the preset's)")
-    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
-    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help=DTYPE_HELP)
+    s.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up (the median is reported)")
     s.add_argument("--pixel-chunk", type=_chunk, default="auto", help="pixel-block tokens per chunk: auto, 0 (off), N")
-    s.add_argument("--attn", default="auto")
-    s.add_argument("--mesh", type=_mesh_arg)
-    s.add_argument("--torch-reference", metavar="UPSTREAM_DIR")
-    s.add_argument("--torch-python", default=None)
+    s.add_argument("--attn", default="auto", help=ATTN_HELP)
+    s.add_argument("--mesh", type=_mesh_arg, help=MESH_HELP)
+    s.add_argument("--torch-reference", metavar="UPSTREAM_DIR", help="also time upstream's PyTorch code (needs torch)")
+    s.add_argument(
+        "--torch-python", help="python with torch for --torch-reference (default: the python running pid-jax)"
+    )
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.add_argument("--train", action="store_true", help="time one training step (forward, backward, update)")
     s.add_argument("--stage", choices=("teacher", "full"), default="teacher", help="with --train: what trains")
@@ -447,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in VERB_MODULES:
         importlib.import_module(module).register(sub)
+    use_defaults_formatter(p)
     return p
 
 

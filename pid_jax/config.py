@@ -27,9 +27,10 @@ PADDING_MODES = ("zeros", "replicate", "reflect")
 ROPE_MODES = ("original", "ntk_aware")
 STUDENT_T_LIST = (0.999, 0.866, 0.634, 0.342, 0.0)
 SAMPLER_KINDS = ("student", "dpmpp")
-# Gemma-2-2b's hidden size: a network whose caption stream takes this width is conditioned on Gemma-2 captions;
-# any other width (the shipped pixel_sr4x: 16) has no encoder to feed it and decodes with the null caption (zeros).
+# Gemma-2-2b's hidden size: a network whose caption stream takes this width is conditioned on Gemma-2 captions,
+# whose null caption is Gemma's encoding of "" (not zeros).
 GEMMA_CAPTION_DIM = 2304
+CAPTION_KINDS = ("gemma", "none")
 # PidNet's arguments beyond its base class PixDiT_T2I (upstream `pid_net.py`); a config naming none is a PixDiT_T2I.
 PIDNET_ONLY_ARGS = (
     "lq_inject_mode",
@@ -232,16 +233,9 @@ class PidNetConfig:
 
     @property
     def gemma_captions(self) -> bool:
-        """Whether the caption stream takes Gemma-2 embeddings (else only the null caption, zeros, is defined)."""
+        """Whether the caption stream takes Gemma-2 embeddings' width (else no caption encoder can feed it)."""
         return self.txt_embed_dim == GEMMA_CAPTION_DIM
 
-    def no_captions_error(self, name: str, what: str = "captions", advice: str | None = None) -> InputError:
-        """The refusal of captions for a network without the Gemma-2 caption stream, with what to do instead."""
-        return InputError(
-            f"{what}: preset {name} has no Gemma-2 caption stream (txt_embed_dim {self.txt_embed_dim}, Gemma-2 gives "
-            f"{GEMMA_CAPTION_DIM}), so no caption encoder can feed it; it uses the null caption (zeros) when none "
-            f"is given: {advice or f'drop {what}'}"
-        )
 
 
 @dataclass(frozen=True)
@@ -317,9 +311,33 @@ class Preset:
     hub: HubSpec | None = None
     variant: str | None = None
     backbones: tuple[str, ...] = ()
+    # "gemma": conditioned on captions (Gemma-2 embeddings, or embeddings of its width); "none": no caption to give
+    # (pixel_sr4x was trained on the null caption only): decodes with zeros and refuses captions.
+    captions: str = "gemma"
+
+    def __post_init__(self) -> None:
+        if self.captions not in CAPTION_KINDS:
+            raise ConfigError(f"{self.name}: captions={self.captions!r} (expected one of {CAPTION_KINDS})")
+
+    @property
+    def takes_captions(self) -> bool:
+        """False for a network trained without captions: it decodes with the null caption (zeros) by default."""
+        return self.captions != "none"
+
+    def caption_encoder_error(self, what: str = "captions", advice: str | None = None) -> InputError | None:
+        """Why text captions (through a caption encoder) cannot reach this network, or None when they can; the
+        refusal names what to do instead, and comes before any encoder is downloaded or loaded."""
+        if not self.takes_captions:
+            return InputError(
+                f"{what}: preset {self.name} has no caption stream to feed (trained on the null caption only; "
+                f"zeros [L, {self.network.txt_embed_dim}] are used when no caption is given): "
+                f"{advice or f'drop {what}'}"
+            )
+        return None  # a width mismatch with the encoder given is found once its config is read
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "variant": self.variant, "backbones": list(self.backbones)}
+        d["captions"] = self.captions
         d["network"] = self.network.to_dict()
         d["latent"] = dataclasses.asdict(self.latent)
         d["sampler"] = dataclasses.asdict(self.sampler)
@@ -336,7 +354,7 @@ class Preset:
             # distilled student or a teacher: the student's sampler, unless a preset says otherwise.
             sampler = load_preset("pixeldit_2kto4k").sampler if net.is_text_to_image else SamplerSpec()
             return cls(name=_name_from_source(source), network=net, latent=_default_latent(net), sampler=sampler)
-        known = {"name", "network", "latent", "sampler", "hub", "variant", "backbones", "description"}
+        known = {"name", "network", "latent", "sampler", "hub", "variant", "backbones", "description", "captions"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown preset field(s) {unknown}")
@@ -371,6 +389,7 @@ class Preset:
             hub=hub,
             variant=d.get("variant"),
             backbones=tuple(d.get("backbones", ())),
+            captions=d.get("captions", "gemma"),
         )
 
 

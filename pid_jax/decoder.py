@@ -33,7 +33,7 @@ def decode(
     model: PidNet,
     latents: jax.Array,
     caption_embeddings: jax.Array,
-    sigma: jax.Array,
+    sigma: jax.Array | float,  # [B], or a scalar (Python float, 0-d array) for the whole batch
     key: jax.Array,
     *,
     height: int,
@@ -111,8 +111,17 @@ def decode_tiles(
     return _sample(model, latents, caption_embeddings, sigma, noise, draw, height, width, steps, mode, t_list)
 
 
+def batch_sigma(sigma: Any, batch: int) -> jax.Array:
+    """sigma as float32 [batch]: a Python float, a 0-d or 1-element array, or one value per latent."""
+    s = jnp.asarray(sigma, jnp.float32)
+    if s.ndim > 1 or (s.ndim == 1 and s.shape[0] not in (1, batch)):
+        raise InputError(f"sigma: shape {tuple(s.shape)} for {batch} latent(s); give a scalar, or one per latent")
+    return jnp.broadcast_to(s.reshape(-1) if s.ndim else s, (batch,))
+
+
 def _sample(model, latents, caption_embeddings, sigma, noise, draw, height, width, steps, mode, t_list):
     t_sched = sampler.t_schedule(steps, tuple(t_list))
+    sigma = batch_sigma(sigma, latents.shape[0])  # a scalar applies to the whole batch
     # The adapter and the caption stream's input see neither x nor t: compute them once, not per step.
     feats = model.lq_features(latents, height, width)
     y_emb = model.embed_text(caption_embeddings)
@@ -217,6 +226,18 @@ def _check_seed(seed: Any) -> int:
     if value is None or not -(2**63) <= value < 2**63:
         raise InputError(f"seed={seed!r}: expected an integer in [-2**63, 2**63)")
     return value
+
+
+def _refuse_tracers(**arrays: Any) -> None:
+    """PiDDecoder's methods validate on concrete values and run cached compiled programs: one clear error under a
+    JAX transformation instead of JAX internals."""
+    for name, a in arrays.items():
+        if isinstance(a, jax.core.Tracer):
+            raise InputError(
+                f"{name} is a JAX tracer: PiDDecoder.decode_array (and dec(...)) runs eagerly and cannot be traced by "
+                "jax.jit/grad/vmap; for transformations use the functional pid_jax.decoder.decode(model, latents, "
+                "caption_embeddings, sigma, key, height=H, width=W) with model = nnx.merge(dec.graphdef, dec.params)"
+            )
 
 
 def _batch_of(latents: Any) -> int:
@@ -506,18 +527,37 @@ class PiDDecoder:
         negative_embeddings: Any = None,
         negative_prompt: str | None = None,
     ) -> jax.Array:
-        """Images [B, 3, H, W] in [-1, 1] (float32).
+        """Decode latents to images [B, 3, H, W] in [-1, 1] (float32), validating every input first.
 
-        `steps`, `mode` (distilled presets) and `cfg_scale`, `shift` (undistilled ones: None = dynamic) default
-        to the preset's sampler. A guided decode's unconditional branch is `negative_embeddings`, or
-        `negative_prompt` (default: the preset's) through the caption encoder."""
+        Args:
+            latents: [B, C, h, w] (or [C, h, w]) numpy or JAX floats, channels first, in the LDM's normalised
+                latent space (pixel_sr4x: the low-resolution RGB image in [-1, 1]).
+            caption_embeddings: [B, L, D] (or [L, D]) caption embeddings, D the network's `txt_embed_dim`
+                (Gemma-2: 2304). Give this or `captions`; a network without the Gemma-2 caption stream
+                (pixel_sr4x) takes neither and decodes with the null caption (zeros).
+            captions: strings encoded with Gemma-2 (loaded on first use); one per latent.
+            sigma: the LDM's sigma at the captured step, in [0, 1]: a number for the whole batch, or one per latent.
+            seed: the noise seed (an integer); the same seed gives the same images.
+            steps, mode: distilled presets: sampler steps and "sde"/"ode" (default: the preset's `sampler`).
+            output_size: (H, W) when not latent size x the network's scale (only where the network allows it).
+            cfg_scale, shift: undistilled presets: guidance scale and flow shift (default: the preset's; a shift
+                of None is the dynamic shift of the output size).
+            negative_embeddings, negative_prompt: undistilled presets: the guided decode's unconditional branch,
+                as embeddings [1 or B, L, D] or a prompt through the caption encoder (default: the preset's).
+
+        This method runs eagerly (validation, compiled programs cached per shape, host-side tile chunks), so it
+        cannot be traced: inside `jax.jit`, `jax.grad`, `jax.vmap` or a caller's sharding use the functional
+        `pid_jax.decoder.decode(nnx.merge(dec.graphdef, dec.params), ...)`, which is pure."""
+        _refuse_tracers(
+            latents=latents, caption_embeddings=caption_embeddings, sigma=sigma, negative_embeddings=negative_embeddings
+        )
         if caption_embeddings is not None and captions is not None:
-            raise InputError("give at most one of caption_embeddings and captions")
+            raise InputError("give exactly one of caption_embeddings and captions, not both")
         if caption_embeddings is None and captions is None:
-            if self.cfg.gemma_captions:
+            if self.preset.takes_captions:
                 raise InputError(
-                    f"give captions or caption_embeddings: preset {self.preset.name} is conditioned on Gemma-2 "
-                    'captions (captions=[""] is upstream\'s dropped caption)'
+                    f"give exactly one of caption_embeddings and captions: preset {self.preset.name} is conditioned "
+                    'on captions (captions=[""] is upstream\'s dropped caption)'
                 )
             caption_embeddings = self.null_caption_embeddings(_batch_of(latents))
         steps, mode, scale = self.sampler_settings(steps, mode, cfg_scale)
@@ -608,12 +648,16 @@ class PiDDecoder:
         return jnp.asarray(out)
 
     def __call__(self, latents: Any, caption_embeddings: Any = None, **kw: Any) -> np.ndarray:
-        """uint8 images [B, H, W, 3]; see `decode_array` for the arguments."""
+        """Decode to uint8 images [B, H, W, 3] (rounded down as upstream's `to_uint8`).
+
+        `dec(latents, caption_embeddings=None, *, captions=None, sigma=0.0, seed=0, steps=None, mode=None,
+        output_size=None, cfg_scale=None, shift=None, negative_embeddings=None, negative_prompt=None)`: the
+        arguments of `decode_array`, which documents each; like it, eager only (use `decode` under jit/grad)."""
         return sampler.to_uint8(self.decode_array(latents, caption_embeddings, **kw))
 
     def null_caption_embeddings(self, batch: int = 1) -> np.ndarray:
-        """Zeros [batch, txt_max_length, txt_embed_dim]: the null caption of a network without the Gemma-2 caption
-        stream (what pixel_sr4x was trained on); what `decode_array` uses when no caption is given."""
+        """Zeros [batch, txt_max_length, txt_embed_dim]: the null caption of a network trained without captions
+        (preset `captions: "none"`, pixel_sr4x); what `decode_array` uses when no caption is given."""
         if self.cfg.gemma_captions:
             raise InputError(
                 f"preset {self.preset.name} is conditioned on Gemma-2 captions: its null caption is Gemma's encoding "
@@ -625,8 +669,9 @@ class PiDDecoder:
         """Gemma-2 embeddings [B, 300, 2304] of the captions (the encoder is loaded on first use)."""
         if isinstance(captions, str):
             captions = [captions]
-        if not self.cfg.gemma_captions:  # before any encoder is downloaded or loaded
-            raise self.cfg.no_captions_error(self.preset.name)
+        refusal = self.preset.caption_encoder_error()
+        if refusal is not None:  # before any encoder is downloaded or loaded
+            raise refusal
         if self.caption_encoder is None:
             from pid_jax.gemma.encoder import CaptionEncoder
 

@@ -253,7 +253,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from pid_jax.cli import size_arg
+    from pid_jax.cli import DTYPE_HELP, SEED_HELP, size_arg
 
     s = sub.add_parser("generate", help="PixelDiT text to image: the backbone every PiD teacher starts from")
     s.add_argument("--prompt", action="append", help="a caption (repeat for a batch)")
@@ -264,12 +264,12 @@ def register(sub) -> None:
     s.add_argument("--shift", type=float, help="flow shift (default: dynamic, 6 sqrt(sqrt(H W) / 2048))")
     s.add_argument("--negative-prompt", help="the unconditional caption (default: upstream's)")
     s.add_argument("--negative-embeddings", help="its embedding instead, .npy/.npz [1, L, D]")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     s.add_argument("--checkpoint", help="a local .pth/.safetensors (with --config) or converted directory")
     s.add_argument("--config", help=f"with --checkpoint: preset or JSON (default {DEFAULT_PRESET})")
     s.add_argument("--cache-dir", help="Hugging Face cache directory (default: HF_HOME / HF_HUB_CACHE)")
     s.add_argument("--gemma", help="caption encoder directory or repo id (default Efficient-Large-Model/gemma-2-2b-it)")
-    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help=DTYPE_HELP)
     s.add_argument("--out", required=True, help="out.png (several images: out_0.png, out_1.png, ...)")
     s.set_defaults(fn=cmd_generate)
 

@@ -294,11 +294,12 @@ class PiDUpscaler:
 
     def caption_embeddings(self, n: int, captions: Any = None, caption_embeddings: Any = None) -> np.ndarray:
         """[n, L, D]: one caption (or embedding) for all images, or one per image; for a network without the
-        Gemma-2 caption stream (pixel_sr4x) neither is needed: the null caption (zeros)."""
-        if captions is None and caption_embeddings is None and not self.decoder.cfg.gemma_captions:
+        caption stream (pixel_sr4x) neither is needed: the null caption (zeros)."""
+        preset = self.decoder.preset
+        if captions is None and caption_embeddings is None and not preset.takes_captions:
             return self.decoder.null_caption_embeddings(n)
-        if captions is not None and not self.decoder.cfg.gemma_captions:
-            raise self.decoder.cfg.no_captions_error(self.decoder.preset.name)
+        if captions is not None and preset.caption_encoder_error() is not None:
+            raise preset.caption_encoder_error()
         if (captions is None) == (caption_embeddings is None):
             raise InputError('give exactly one of captions and caption_embeddings ("" is the dropped caption)')
         if captions is not None:

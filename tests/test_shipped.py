@@ -153,9 +153,9 @@ def test_captions_on_the_shipped_model_refused_up_front(tmp_path: Path, shipped,
         raise AssertionError("the caption encoder was loaded")
 
     monkeypatch.setattr(encoder.CaptionEncoder, "from_pretrained", staticmethod(no_gemma))
-    with pytest.raises(InputError, match=r"pixel_sr4x has no Gemma-2 caption stream .* drop captions"):
+    with pytest.raises(InputError, match=r"pixel_sr4x has no caption stream to feed .* drop captions"):
         shipped(lq_image(8, 8), captions=["a cat"])
-    with pytest.raises(InputError, match="no Gemma-2 caption stream"):
+    with pytest.raises(InputError, match="no caption stream"):
         shipped.encode_captions(["a cat"])
     src = photo(tmp_path / "photo.png")
     np.save(tmp_path / "lq.npy", lq_image(8, 8))
@@ -174,7 +174,7 @@ def test_captions_on_the_shipped_model_refused_up_front(tmp_path: Path, shipped,
         capsys.readouterr()
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert f"error: {flag}: preset pixel_sr4x has no Gemma-2 caption stream" in err and f"drop {flag}" in err
+        assert f"error: {flag}: preset pixel_sr4x has no caption stream to feed" in err and f"drop {flag}" in err
         assert "pass --gemma" not in err
     assert not (tmp_path / "u").exists() and not (tmp_path / "d.png").exists()
 
@@ -211,7 +211,23 @@ def test_training_captions_on_a_network_without_gemma_refused_first(tmp_path: Pa
         capsys.readouterr()
         assert main([*base, "--out", str(tmp_path / "run"), *extra]) == 2
         err = capsys.readouterr().err
-        assert f"error: {flag}: preset pixel_sr4x has no Gemma-2 caption stream" in err, err
+        assert f"error: {flag}: preset pixel_sr4x has no caption stream to feed" in err, err
         assert "needs --gemma" not in err and "pass --gemma" not in err
     assert "remove the 1 <stem>.txt caption file(s) from --data" in err
+    (data / "img00.txt").unlink()
+    assert main([*base, "--out", str(tmp_path / "run"), "--gemma", "g"]) == 2
+    assert "error: --gemma: preset pixel_sr4x has no caption stream to feed" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_captioned_network_still_needs_a_caption() -> None:
+    """No silent zeros for a network conditioned on captions (a fixture network: preset captions 'gemma')."""
+    from conftest import pidnet_files
+
+    pth, cfg, _ = pidnet_files("v1_flux")
+    dec = PiDDecoder.from_checkpoint(pth, cfg, dtype="float32")
+    assert dec.preset.takes_captions and load_preset("flux_2k").takes_captions
+    assert not load_preset("pixel_sr4x").takes_captions
+    z = np.zeros((1, dec.preset.latent.channels, 2, 2), np.float32)
+    with pytest.raises(InputError, match="give exactly one of caption_embeddings and captions"):
+        dec(z)

@@ -23,7 +23,6 @@ def register(sub) -> None:
         help="train a PiD network (teacher adapter or full network) on a directory of images",
         description="Flow-matching training as upstream's (losses, AdamW, warm-up, clipping, power EMA), resumable "
         "and data parallel. Writes RUN_DIR/{run.json, checkpoints/, metrics.jsonl, tb/, samples/, log.txt, final/}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = s.add_argument_group("run")
     g.add_argument("--config", required=True, help="preset name or JSON (preset, or upstream PidNet arguments)")

@@ -361,14 +361,12 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
     records = data_lib.scan(opts.data)
     latent_mode = _latent_mode(preset, records, opts)
     gemma_encode = None
-    if not preset.network.gemma_captions:  # refused before any Gemma download, with what to do instead
-        texts = [r.text for r in records if r.text is not None]
-        if opts.gemma:
-            raise preset.network.no_captions_error(preset.name, "--gemma")
-        if texts:
-            raise preset.network.no_captions_error(
-                preset.name, texts[0], f"remove the {len(texts)} <stem>.txt caption file(s) from --data"
-            )
+    texts = [r.text for r in records if r.text is not None]
+    if opts.gemma or texts:  # captions the network cannot take: refused before any Gemma download
+        advice = f"remove the {len(texts)} <stem>.txt caption file(s) from --data" if texts else None
+        refusal = preset.caption_encoder_error("--gemma" if opts.gemma else str(texts[0]), advice)
+        if refusal is not None:
+            raise refusal
     if opts.gemma:
         from pid_jax.gemma.encoder import CaptionEncoder
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pid_jax.errors import InputError
 
-ALPHA_HELP = "transparent PNGs: 'refuse' (default), or composite over 'white' / 'black'; opaque alpha is always dropped"
+ALPHA_HELP = "transparent PNGs: refuse them, or composite over white / black; opaque alpha is always dropped"
 POLICY = (
     "Inputs: PNG or JPEG, centre-cropped so both sides are multiples of 16 (upstream's from_clean rule; "
     "--no-crop refuses other sizes instead). Grayscale/palette become RGB, 16-bit PNGs are reduced to 8 bits, "
@@ -231,35 +231,38 @@ def cmd_vae_decode(args: argparse.Namespace) -> int:
 
 
 def _common(s: argparse.ArgumentParser) -> None:
+    from pid_jax.cli import DTYPE_HELP
     s.add_argument("--vae-checkpoint", help="the VAE weights (default: the released file from the Hub)")
     s.add_argument("--vae-config", help="VAE config JSON for a non-released size (e.g. a fixture's config.json)")
-    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help=DTYPE_HELP)
     s.add_argument("--tile", type=int, help="VAE tile side in latent pixels (0: never tile; default: by memory)")
     s.add_argument("--tile-overlap", type=int, help="VAE tile overlap in latent pixels (default tile/2)")
     s.add_argument(
         "--tile-passes", type=int, default=0, help="extra passes gathering whole-image GroupNorm/attention statistics"
     )
-    s.add_argument("--cache-dir", help="Hugging Face cache directory")
+    s.add_argument("--cache-dir", help="Hugging Face cache directory (default: HF_HOME / HF_HUB_CACHE)")
 
 
 def register(sub) -> None:
-    from pid_jax.cli import _mesh_arg
+    from pid_jax.cli import MESH_HELP, _mesh_arg
 
     s = sub.add_parser("upscale", help="upscale images 4x: VAE encode, then PiD decode", description=POLICY)
     s.add_argument("images", nargs="+", help="PNG or JPEG files")
     s.add_argument("--backbone", help="flux, zimage, zimage-turbo, sd3, sdxl, flux2, flux2-klein-*, qwenimage*")
-    s.add_argument("--variant", default="2k", help="2k, 2kto4k or 2kto4k_v1pt5")
+    s.add_argument("--variant", default="2k", help="with --backbone: 2k, 2kto4k or 2kto4k_v1pt5")
     s.add_argument("--checkpoint", help="PiD weights: .pth/.safetensors (with --config) or a converted directory")
-    s.add_argument("--config", help="PiD preset name or JSON")
+    s.add_argument(
+        "--config", help="PiD preset name or JSON; pixel_sr4x alone: the shipped weights (no VAE, no caption)"
+    )
     s.add_argument("--prompt", help="caption ('' is upstream's dropped caption, still through Gemma)")
     s.add_argument("--caption-embeddings", help=".npy/.npz/.safetensors [L, D] or [N, L, D]")
-    s.add_argument("--gemma", help="caption encoder directory or repo id")
+    s.add_argument("--gemma", help="caption encoder directory or repo id (default Efficient-Large-Model/gemma-2-2b-it)")
     s.add_argument("--free-encoder", action="store_true", help="release the caption encoder before decoding")
     s.add_argument("--sigma", type=float, default=0.0, help="forward-noise the clean latent to sigma first")
     s.add_argument("--steps", type=int, help="PiD sampler steps (default: the preset's)")
     s.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     s.add_argument("--mode", choices=("sde", "ode"), help="distilled sampler mode (default: the preset's, sde)")
-    s.add_argument("--mesh", type=_mesh_arg)
+    s.add_argument("--mesh", type=_mesh_arg, help=MESH_HELP)
     s.add_argument("--compare", action="store_true", help="also write <name>_compare.png: VAE decode | bicubic | PiD")
     s.add_argument("--alpha", choices=("refuse", "white", "black"), default="refuse", help=ALPHA_HELP)
     s.add_argument("--no-crop", action="store_true", help="refuse sizes that are not multiples of 16 instead")
