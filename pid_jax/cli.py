@@ -176,6 +176,10 @@ def cmd_parity(args: argparse.Namespace) -> int:
         from pid_jax.train.parity import cmd_train_parity
 
         return cmd_train_parity(args)
+    if args.distill:
+        from pid_jax.train.distill.parity import cmd_distill_parity
+
+        return cmd_distill_parity(args)
     if args.vae:
         from pid_jax.vae.parity import cli_parity
 
@@ -432,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--gemma", help="Gemma-2 directory (config.json + safetensors); compares last_hidden_state")
     s.add_argument("--train", metavar="FIXTURE_DIR", help="replay a recorded upstream training run (train/<name>/)")
+    s.add_argument(
+        "--distill", metavar="FIXTURE_DIR", help="replay a recorded upstream DMD2 distillation window (distill/<case>/)"
+    )
     s.add_argument("--torch-reference", metavar="UPSTREAM_DIR", help="dump the reference live (needs torch)")
     s.add_argument(
         "--torch-python", help="python with torch for --torch-reference (default: the python running pid-jax)"

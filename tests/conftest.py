@@ -34,6 +34,8 @@ class FixtureSet:
     sampler: tuple[str, ...]  # sampler/<name>.npz, name = <variant>_<n>step
     # sampler_teacher/<name>/{config.json, model_ema_bf16.pth, run.npz}: the undistilled samplers
     sampler_teacher: tuple[str, ...] = ("pid_v1pt5_flux_dpmpp", "pixeldit_t2i")
+    # distill/<case>/{config.json, teacher_init_bf16.pth, disc_init.safetensors, steps.npz}: DMD2 windows
+    distill: tuple[str, ...] = ()
 
 
 KNOWN_SETS = {
@@ -50,6 +52,7 @@ KNOWN_SETS = {
             "x_fold_original_rope",
         ),
         sampler=("v1_flux_1step", "v1_flux_2step", "v1_flux_4step", "v1_siglip_4step", "v1pt5_flux_4step"),
+        distill=("v1pt5_flux", "v1pt5_flux2"),
     ),
     # One network a released switch: sr 4 / sr 8, both gate types, both padding modes, PiT injection, the
     # v1.5 latent unpatchify, fold alignment with original RoPE.
@@ -80,6 +83,7 @@ FIXTURE_SET = KNOWN_SETS[FIXTURE_SET_NAME]
 PIDNET_VARIANTS = list(FIXTURE_SET.pidnet)
 SAMPLER_CASES = list(FIXTURE_SET.sampler)
 TEACHER_SAMPLER_CASES = list(FIXTURE_SET.sampler_teacher)
+DISTILL_CASES = list(FIXTURE_SET.distill)
 
 
 def pytest_configure(config: pytest.Config) -> None:

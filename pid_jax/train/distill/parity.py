@@ -148,7 +148,7 @@ def _check_tolerances(meta: dict[str, Any], where: Path) -> None:
 
 
 def _flat(state: nnx.State) -> dict[str, np.ndarray]:
-    return {path_to_key(p): np.asarray(v[...] if hasattr(v, "value") else v) for p, v in nnx.to_flat_state(state)}
+    return {path_to_key(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(state)}
 
 
 def _draws(data: dict[str, np.ndarray], it: int, dcfg: DistillConfig) -> Draws:
