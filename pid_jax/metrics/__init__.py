@@ -1,0 +1,1 @@
+"""Image quality metrics of `pid-jax eval`: LPIPS (JAX, shipped weights), NIQE, colour error, blockiness."""
