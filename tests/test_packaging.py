@@ -16,7 +16,12 @@ def _pyproject() -> dict:
 
 def test_every_subpackage_is_listed():
     listed = set(_pyproject()["tool"]["setuptools"]["packages"])
-    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "pid_jax").rglob("__init__.py")}
+    # Any folder holding Python files, with or without __init__.py (a namespace package is skipped by the list too).
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for p in (ROOT / "pid_jax").rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
     missing = sorted(found - listed)
     assert not missing, f"pyproject.toml [tool.setuptools] packages lacks {missing}"
 
