@@ -522,7 +522,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.add_argument("--train", action="store_true", help="time one training step (forward, backward, update)")
     s.add_argument("--stage", choices=("teacher", "full"), default="teacher", help="with --train: what trains")
-    s.add_argument("--remat", action="store_true", help="with --train: rematerialise the blocks")
+    s.add_argument(
+        "--remat",
+        nargs="?",
+        const="full",
+        default="off",
+        metavar="PLAN",
+        help="with --train: rematerialisation plan (off, full, dots, or e.g. patch=dots,pixel=full; bare: full)",
+    )
     s.set_defaults(fn=cmd_bench)
 
     for module in VERB_MODULES:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pid_jax import rope
+from pid_jax import remat, rope
 from pid_jax.config import PidNetConfig
 from pid_jax.errors import InputError
 from pid_jax.layers import _init, silu
@@ -31,6 +31,7 @@ from pid_jax.pixeldit import (
     PixelTokenEmbedder,
     TimestepConditioner,
 )
+from pid_jax.remat import parse_plan
 from pid_jax.sharding import constrain
 
 Acts = dict[str, jax.Array]
@@ -39,8 +40,9 @@ Acts = dict[str, jax.Array]
 class PidNet(nnx.Module):
     def __init__(self, cfg: PidNetConfig, *, rngs: nnx.Rngs | None, attn_impl: str = "auto", aux_head: bool = False):
         self.cfg = cfg
-        # Training sets this: recompute each block's activations in the backward pass (less memory).
-        self.remat = False
+        # Training sets this: which blocks recompute their activations in the backward pass, and what they
+        # save (a `pid_jax.remat` plan: "off", "full", "dots" or per-block entries).
+        self.remat = "off"
         # (tile, overlap) in output pixels of a network trained at one size (its preset's sampler.tile): the
         # loaders set it, and `decoder.decode` then tiles larger images by default, as PiDDecoder does.
         self.trained_tile: tuple[int, int] | None = None
@@ -141,6 +143,7 @@ class PidNet(nnx.Module):
             if cfg.use_text_rope
             else None
         )
+        patch_policy, _ = parse_plan(self.remat if acts is None else "off", cfg.patch_depth, cfg.pixel_depth)
         s = constrain(self.s_embedder(patches), "tokens")
         wanted = sorted(set(feature_indices))
         if wanted and not 0 <= wanted[0] <= wanted[-1] < cfg.patch_depth:
@@ -151,7 +154,7 @@ class PidNet(nnx.Module):
                 j = self.lq_proj.output_index(i)
                 s = self.lq_proj.gate_modules[j](s, lq_feats[j], sigma)
                 _put(acts, f"gate.{j}", s)
-            s, y_emb = _run(blk, self.remat and acts is None)(s, y_emb, cond, pos, pos_txt)
+            s, y_emb = _run(blk, patch_policy[i])(s, y_emb, cond, pos, pos_txt)
             s, y_emb = constrain(s, "tokens"), constrain(y_emb, "text")
             _put(acts, f"patch_block.{i}.0", s)
             _put(acts, f"patch_block.{i}.1", y_emb)
@@ -168,6 +171,7 @@ class PidNet(nnx.Module):
         ph, pw = self.grid(h, w)
         ps, hid = cfg.patch_size, cfg.hidden_size
         n_out = cfg.num_lq_outputs
+        _, pixel_policy = parse_plan(self.remat if acts is None else "off", cfg.patch_depth, cfg.pixel_depth)
         s = jax.nn.silu(t_emb + s)
         if self.pit_lq_gate is not None:
             s = self.pit_lq_gate(s, lq_feats[n_out], sigma)
@@ -180,7 +184,7 @@ class PidNet(nnx.Module):
             for a in rope.rope_2d(cfg.pixel_attn_dim // cfg.pixel_heads, ph, pw, cfg.rope_mode, *cfg.rope_ref_grid)
         )
         for j, blk in enumerate(self.pixel_blocks):
-            pix = constrain(_run(blk, self.remat and acts is None, batch=b, pos=pit_pos)(pix, s_cond), "pixels")
+            pix = constrain(_run(blk, pixel_policy[j], batch=b, pos=pit_pos)(pix, s_cond), "pixels")
             _put(acts, f"pixel_block.{j}", pix)
         out = self.final_layer(pix)
         _put(acts, "final_layer", out)
@@ -207,17 +211,17 @@ class PidNet(nnx.Module):
         return self.velocity(x, t, self.embed_text(y), feats, degrade_sigma, acts)
 
 
-def _run(block: nnx.Module, remat: bool, **static) -> Callable:
-    """The block's call, rematerialised when asked (its activations are recomputed in the backward pass).
+def _run(block: nnx.Module, policy: str, **static) -> Callable:
+    """The block's call, rematerialised under `policy` (`pid_jax.remat`; "off": a plain call).
 
-    Positional arguments are arrays; `static` ones (Python values such as the batch size) are bound here.
+    Positional arguments are array pytrees; `static` ones (Python values such as the batch size) are bound here.
     """
-    if not remat:
+    if policy == "off":
         return lambda *args: block(*args, **static)
-    # jax.checkpoint on the split block (its parameters are inputs): blocks never mutate state, and
-    # nnx.remat's write-back would touch Variables that belong to an outer trace (jax.grad's).
+    # The split block (its parameters are inputs): blocks never mutate state, and nnx.remat's write-back would
+    # touch Variables that belong to an outer trace (jax.grad's).
     graphdef, state = nnx.split(block)
-    f = jax.checkpoint(lambda st, *args: nnx.merge(graphdef, st)(*args, **static))
+    f = remat.checkpoint(lambda st, *args: nnx.merge(graphdef, st)(*args, **static), policy)
     return lambda *args: f(state, *args)
 
 

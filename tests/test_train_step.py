@@ -148,7 +148,7 @@ def test_train_step_trains_the_adapter_only_deterministic_and_resumable(teacher)
     d1 = draw(tcfg, jax.random.fold_in(key, 1), b["x0"].shape, b["z"].shape)
     assert not np.array_equal(d0.noise, d1.noise)
     model = merged_model(graphdef, s2, use_ema=True)
-    assert model.remat is False and model.lq_proj.lq_aux_rgb_head is not None
+    assert model.remat == "off" and model.lq_proj.lq_aux_rgb_head is not None
 
 
 def test_remat_with_bf16_compute(teacher) -> None:

@@ -90,7 +90,15 @@ def register(sub) -> None:
     g.add_argument("--lq-drop-prob", type=float, help="probability that the whole LQ latent is dropped (0.1)")
     g.add_argument("--caption-drop-prob", type=float, help="probability that a caption becomes the null one (0.1)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype (weights f32)")
-    g.add_argument("--remat", action="store_true", help="rematerialise the blocks (less memory, ~1/3 more compute)")
+    g.add_argument(
+        "--remat",
+        nargs="?",
+        const="full",
+        metavar="PLAN",
+        help="rematerialise blocks in the backward pass: full (nothing inside a block saved; bare --remat), dots "
+        "(only the Linear outputs saved), off, or per block group/slice, e.g. patch=dots,pixel=full or "
+        "all=full,patch[10:]=dots (less memory for more compute)",
+    )
     g = s.add_argument_group("devices and processes")
     g.add_argument("--mesh", type=_pair("DxS (data x sequence)", "4x1"), help="device mesh (default: all x 1)")
     g.add_argument("--attn", default="auto", help="attention implementation: auto, xla, blocked, cudnn")
@@ -142,7 +150,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "aux_weight": args.aux_weight,
         "clip_norm": args.clip_norm,
         "dtype": args.dtype,
-        "remat": args.remat or None,
+        "remat": args.remat,
         "lr_f_min": args.lr_f_min,
         "lr_cycle_steps": args.lr_cycle_steps,
         "ema_sigma_rel": args.ema_sigma_rel,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pid_jax.errors import ConfigError
+from pid_jax.remat import normalise as normalise_remat
 
 STAGES = ("teacher", "full")
 NOISE_FORMS = ("flow", "vp")
@@ -53,7 +54,9 @@ class TrainConfig:
     noise_form: str = "flow"  # "flow": (1-s) z + s eps;  "vp": sqrt(1-s^2) z + s eps (SDXL)
     lq_drop_prob: float = 0.1  # LQ-latent dropout (the whole latent zeroed)
     caption_drop_prob: float = 0.1  # applied by the data pipeline (`drop_captions`)
-    remat: bool = False
+    # Rematerialisation plan (`pid_jax.remat`): "off", "full", "dots" or per-block entries such as
+    # "patch=dots,pixel=full"; True/False (older run.json files) read as "full"/"off".
+    remat: str = "off"
     # Flow-matching t: logit-normal u, then t = s u / (1 + (s - 1) u). shift None: dynamic from the image size,
     # s = base_shift * sqrt(sqrt(H W) / shift_base_size), as upstream's teacher.
     shift: float | None = None
@@ -70,6 +73,10 @@ class TrainConfig:
             raise bad(f"stage={self.stage!r} (expected one of {STAGES})")
         if self.noise_form not in NOISE_FORMS:
             raise bad(f"noise_form={self.noise_form!r} (expected one of {NOISE_FORMS})")
+        try:
+            object.__setattr__(self, "remat", normalise_remat(self.remat))
+        except ConfigError as e:
+            raise bad(str(e)) from None
         if self.dtype not in DTYPES:
             raise bad(f"dtype={self.dtype!r} (expected one of {DTYPES})")
         if not self.lr > 0:

@@ -63,5 +63,5 @@ def merged_model(graphdef: nnx.GraphDef, state: TrainState, use_ema: bool, dtype
     """The network with the trained (or EMA) weights, every parameter in `dtype`: for sampling and export."""
     trained = state.ema if use_ema else state.params
     model = nnx.merge(graphdef, cast(trained, dtype), cast(state.frozen, dtype))
-    model.remat = False
+    model.remat = "off"
     return model
