@@ -264,6 +264,8 @@ class SamplerSpec:
     # Output pixels: decode larger images as overlapping tiles of this size (a network trained at one size).
     tile: int | None = None
     tile_overlap: int = 0
+    # Output pixels at each end of a tile that get (almost) no blend weight (`tiled_decode.ramp`).
+    tile_margin: int = 0
     kind: str = "student"
     cfg_scale: float = 1.0
     shift: float | None = None
@@ -376,7 +378,7 @@ class Preset:
             from pid_jax.tiled_decode import check_tiling
 
             try:
-                check_tiling(sampler.tile, sampler.tile_overlap, net.pixel_scale, net.patch_size)
+                check_tiling(sampler.tile, sampler.tile_overlap, net.pixel_scale, net.patch_size, sampler.tile_margin)
             except InputError as e:
                 raise ConfigError(f"{source}: {e}") from None
         if latent.noising not in ("flow", "vp"):

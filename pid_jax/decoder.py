@@ -43,6 +43,7 @@ def decode(
     t_list: Sequence[float] = STUDENT_T_LIST,
     tile: int | str | None = "preset",
     tile_overlap: int | None = None,
+    tile_margin: int = 0,
 ) -> jax.Array:
     """Decode latents [B, C, h, w] to images [B, 3, height, width] in [-1, 1]. Pure: jit/vmap-safe.
 
@@ -55,7 +56,9 @@ def decode(
     """
     sharding.check_context_mesh()  # a caller's mesh of another kind: one line, before any layer is traced
     tile, tile_overlap = _tiling(model, tile, tile_overlap)
-    lay = tiled_decode.layout(latents.shape[2:], height, width, tile, tile_overlap, model.cfg.patch_size)
+    lay = tiled_decode.layout(
+        latents.shape[2:], height, width, tile, tile_overlap, model.cfg.patch_size, tile_margin
+    )
     if lay is not None:
         z = lay.split(latents)
         n = len(lay.origins)
@@ -466,7 +469,7 @@ class PiDDecoder:
             graphdef = with_pixel_chunk(self.graphdef, self.params, chunk) if chunk else self.graphdef
             sp = self.preset.sampler
             kw = dict(height=height, width=width, steps=steps, mode=mode, t_list=sp.t_list)
-            kw.update(tile=sp.tile, tile_overlap=sp.tile_overlap)
+            kw.update(tile=sp.tile, tile_overlap=sp.tile_overlap, tile_margin=sp.tile_margin)
 
             def run(params, z, y, s, key):
                 return decode(nnx.merge(graphdef, params), z, y, s, key, **kw)
@@ -580,7 +583,7 @@ class PiDDecoder:
             label = f"{steps}-step DPM-Solver++ decoder" + (" with guidance" if guided else "")
             return self._run(shape_key, fn, label, h, w, z, y, s, key, neg, schedule, np.float32(scale))
         sp = self.preset.sampler
-        lay = tiled_decode.layout(z.shape[2:], h, w, sp.tile, sp.tile_overlap, self.cfg.patch_size)
+        lay = tiled_decode.layout(z.shape[2:], h, w, sp.tile, sp.tile_overlap, self.cfg.patch_size, sp.tile_margin)
         if lay is not None and self.mesh is None:
             return self._decode_tiled(lay, z, y, s, key, h, w, steps, mode)
         shape_key = (tuple(z.shape), tuple(y.shape), h, w, steps, mode, self.mesh is not None)

@@ -4,7 +4,9 @@ The pixel stream's sin-cos table counts absolute pixels and the patch RoPE sprea
 [0, 16] whatever the grid, so a network trained only on small crops (the demo model: 96x96) sees unknown
 positions on a larger image and falls apart there. A preset that names a tile (`sampler.tile`) is decoded
 as what it was trained on: latent tiles of the trained size, each with its own noise, then blended with a
-window that ramps over the overlap and normalised by the summed weights.
+window that ramps over the overlap and normalised by the summed weights. A tile's outermost pixels are its
+worst (least context, the convolutions' zero padding): `margin` gives the first and last `margin` pixels of
+every tile (almost) no weight, so an interior pixel comes from the tiles that see it away from their edges.
 
 Pure and shape-static: the tile origins are Python integers from the static sizes, so `split` and `blend`
 run under `jit` (`decoder.decode`) as well as on host arrays (the decoder's chunked path).
@@ -33,12 +35,19 @@ def tile_origins(n: int, tile: int, overlap: int) -> list[int]:
     return [*starts, n - tile]
 
 
-def ramp(tile: int, overlap: int) -> np.ndarray:
-    """1-D blend weights: rising over `overlap` at each end, never zero (a lone tile keeps its pixels)."""
+# The weight of a tile's margin pixels: not zero, so that pixels at the image border, which only one tile
+# covers, keep that tile's value; elsewhere negligible next to the tiles that see the pixel inside them.
+MARGIN_WEIGHT = 1e-6
+
+
+def ramp(tile: int, overlap: int, margin: int = 0) -> np.ndarray:
+    """1-D blend weights: `margin` pixels of (almost) nothing at each end, then rising to 1 over the rest of
+    `overlap`; never zero (a lone tile keeps its pixels)."""
     i = np.arange(tile, dtype=np.float64) + 0.5
     if overlap == 0:
         return np.ones(tile, np.float32)
-    return np.minimum(1.0, np.minimum(i, tile - i) / overlap).astype(np.float32)
+    w = np.minimum(1.0, (np.minimum(i, tile - i) - margin) / (overlap - margin))
+    return np.maximum(w, MARGIN_WEIGHT).astype(np.float32)
 
 
 def plan(h: int, w: int, tile: int, overlap: int) -> list[tuple[int, int]]:
@@ -55,25 +64,26 @@ class Layout:
     tile_w: int
     overlap: int
     origins: tuple[tuple[int, int], ...]
+    margin: int = 0  # output pixels
 
     def split(self, latents):
         return split(latents, self.origins, self.tile_h, self.tile_w)
 
     def blend(self, images, height: int, width: int):
-        return blend(images, self.origins, self.scale, height, width, self.overlap)
+        return blend(images, self.origins, self.scale, height, width, self.overlap, self.margin)
 
 
 def layout(
-    latent_hw: tuple[int, int], height: int, width: int, tile: int | None, overlap: int, patch: int
+    latent_hw: tuple[int, int], height: int, width: int, tile: int | None, overlap: int, patch: int, margin: int = 0
 ) -> Layout | None:
     """The tiling of an image of height x width decoded from a latent of `latent_hw`; None when it fits one
     tile (or the preset names none): then it is decoded whole."""
     if tile is None or (height <= tile and width <= tile):
         return None
     scale = height // latent_hw[0]
-    lt, lo = check_tiling(tile, overlap, scale, patch)
+    lt, lo = check_tiling(tile, overlap, scale, patch, margin)
     th, tw = min(lt, latent_hw[0]), min(lt, latent_hw[1])
-    return Layout(scale, th, tw, lo, tuple(plan(latent_hw[0], latent_hw[1], lt, lo)))
+    return Layout(scale, th, tw, lo, tuple(plan(latent_hw[0], latent_hw[1], lt, lo)), margin)
 
 
 def _xp(a):
@@ -90,15 +100,21 @@ def split(latents: jax.Array, origins: Sequence[tuple[int, int]], tile_h: int, t
 
 
 def blend(
-    images: jax.Array, origins: Sequence[tuple[int, int]], scale: int, height: int, width: int, overlap: int
+    images: jax.Array,
+    origins: Sequence[tuple[int, int]],
+    scale: int,
+    height: int,
+    width: int,
+    overlap: int,
+    margin: int = 0,
 ) -> jax.Array:
     """[B * T, 3, th, tw] decoded tiles -> [B, 3, height, width], weighted mean where tiles overlap."""
     xp = _xp(images)
     bt, c, th, tw = images.shape
     t = len(origins)
     b = bt // t
-    wy = ramp(th, overlap * scale) if th < height else np.ones(th, np.float32)
-    wx = ramp(tw, overlap * scale) if tw < width else np.ones(tw, np.float32)
+    wy = ramp(th, overlap * scale, margin) if th < height else np.ones(th, np.float32)
+    wx = ramp(tw, overlap * scale, margin) if tw < width else np.ones(tw, np.float32)
     win = xp.asarray(wy[:, None] * wx[None, :])
     images = images.astype(np.float32).reshape(b, t, c, th, tw)
     acc = xp.zeros((b, c, height, width), np.float32)
@@ -115,8 +131,10 @@ def blend(
     return acc / norm
 
 
-def check_tiling(tile: int, overlap: int, scale: int, patch: int) -> tuple[int, int]:
+def check_tiling(tile: int, overlap: int, scale: int, patch: int, margin: int = 0) -> tuple[int, int]:
     """The tile and overlap in latent pixels, refusing sizes the network cannot decode."""
+    if isinstance(margin, bool) or not isinstance(margin, int) or not 0 <= 2 * margin <= overlap:
+        raise InputError(f"sampler.tile_margin={margin!r} must lie in [0, tile_overlap / 2 = {overlap // 2}]")
     if not (isinstance(tile, int) and tile > 0 and tile % patch == 0 and tile % scale == 0):
         raise InputError(
             f"sampler.tile={tile!r} must be a positive multiple of the patch size {patch} and scale {scale}"

