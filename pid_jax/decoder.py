@@ -517,8 +517,8 @@ class PiDDecoder:
             latents: [B, C, h, w] (or [C, h, w]) numpy or JAX floats, channels first, in the LDM's normalised
                 latent space (pixel_sr4x: the low-resolution RGB image in [-1, 1]).
             caption_embeddings: [B, L, D] (or [L, D]) caption embeddings, D the network's `txt_embed_dim`
-                (Gemma-2: 2304). Give this or `captions`; a network without the Gemma-2 caption stream
-                (pixel_sr4x) takes neither and decodes with the null caption (zeros).
+                (Gemma-2: 2304). Give this or `captions`; a preset trained without captions (`"captions":
+                "none"`, pixel_sr4x) takes neither and decodes with the null caption (zeros).
             captions: strings encoded with Gemma-2 (loaded on first use); one per latent.
             sigma: the LDM's sigma at the captured step, in [0, 1]: a number for the whole batch, or one per latent.
             seed: the noise seed (an integer); the same seed gives the same images.
