@@ -396,6 +396,14 @@ class _Archive:
                 )
             self.members[info.filename] = info
         pkls = [n for n in self.members if n.endswith("/data.pkl") and n.count("/") == 1]
+        if not pkls and not any(n.split("/")[-1] == "data.pkl" for n in self.members):
+            names = sorted(self.members)
+            shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+            raise _fail(
+                path,
+                "not a torch checkpoint: a zip archive without the '<prefix>/data.pkl' member torch.save writes "
+                f"(members: {shown or 'none'}; an .npz holds arrays, not a state dict)",
+            )
         if len(pkls) != 1:
             raise _fail(path, f"expected exactly one '<prefix>/data.pkl' member, found {len(pkls)}")
         self.prefix = pkls[0][: -len("data.pkl")]

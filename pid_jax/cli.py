@@ -362,9 +362,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pid_jax.demo import run_demo, run_random_demo
 
     if args.random_weights:
-        run_random_demo(args.out or "demo.png", args.size, args.steps, args.seed, args.dtype, progress=_progress)
+        run_random_demo(args.out, args.size, args.steps, args.seed, args.dtype, progress=_progress)
     else:
-        run_demo(args.out or "pid-jax-demo", args.steps, args.mode, args.seed, args.dtype, progress=_progress)
+        run_demo(args.out, args.steps, args.mode, args.seed, args.dtype, progress=_progress)
     return 0
 
 
@@ -481,7 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_decode)
 
     s = sub.add_parser("demo", help="offline demo: the shipped small PiD super-resolves held-out photographs 4x")
-    s.add_argument("--out", help="directory of the comparison PNGs (default pid-jax-demo; --random-weights: demo.png)")
+    s.add_argument(
+        "--out",
+        default="pid-jax-demo",
+        help="output directory, both modes: <image>.png per held-out image, or random-weights.png",
+    )
     s.add_argument("--random-weights", action="store_true", help="pipeline check on a small random network instead")
     s.add_argument("--size", type=int, default=256, help="--random-weights: output side in pixels (multiple of 32)")
     s.add_argument("--steps", type=int, help="sampler steps (default: the preset's sampler: pixel_sr4x 2, demo 4)")

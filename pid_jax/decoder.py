@@ -536,8 +536,8 @@ class PiDDecoder:
             latents: [B, C, h, w] (or [C, h, w]) numpy or JAX floats, channels first, in the LDM's normalised
                 latent space (pixel_sr4x: the low-resolution RGB image in [-1, 1]).
             caption_embeddings: [B, L, D] (or [L, D]) caption embeddings, D the network's `txt_embed_dim`
-                (Gemma-2: 2304). Give this or `captions`; a network without the Gemma-2 caption stream
-                (pixel_sr4x) takes neither and decodes with the null caption (zeros).
+                (Gemma-2: 2304). Give this or `captions`; a preset trained without captions (`"captions":
+                "none"`, pixel_sr4x) takes neither and decodes with the null caption (zeros).
             captions: strings encoded with Gemma-2 (loaded on first use); one per latent.
             sigma: the LDM's sigma at the captured step, in [0, 1]: a number for the whole batch, or one per latent.
             seed: the noise seed (an integer); the same seed gives the same images.
@@ -644,9 +644,19 @@ class PiDDecoder:
             self.timings["trace_s"] = t1 - t0
         fn = self._compiled[shape_key]
         t0 = time.perf_counter()
-        outs = [fn(self.params, zt[i], yt[i], st[i], key, i) for i in chunks]
-        tiles = np.concatenate([np.asarray(o) for o in outs])[:total]
-        out = lay.blend(tiles, h, w)
+        # Blended as the chunks arrive (host memory: the image, not every tile), one chunk computing ahead.
+        acc = lay.accumulator(z.shape[0], h, w)
+        pending = fn(self.params, zt[chunks[0]], yt[chunks[0]], st[chunks[0]], key, chunks[0])
+        for c, i in enumerate(chunks):
+            done = pending
+            if c + 1 < len(chunks):
+                j = chunks[c + 1]
+                pending = fn(self.params, zt[j], yt[j], st[j], key, j)
+            tiles = np.asarray(done)
+            del done
+            for pos, index in enumerate(i[: total - c * tb]):  # the padded repeats of the last tile are dropped
+                acc.add(int(index), tiles[pos])
+        out = acc.result()
         self.timings["decode_s"] = time.perf_counter() - t0
         return jnp.asarray(out)
 

@@ -21,7 +21,7 @@ from pid_jax import eval as ev
 from pid_jax.config import load_preset
 from pid_jax.decoder import PiDDecoder
 from pid_jax.errors import InputError
-from pid_jax.io import output_paths, settings_text, write_pngs
+from pid_jax.io import settings_text, write_pngs
 from pid_jax.modeling import init_pidnet
 from pid_jax.sampler import to_uint8
 from pid_jax.weights import resolve_dtype
@@ -66,9 +66,7 @@ def run_demo(
     sp = load_preset(ev.PRESET).sampler
     steps = steps if steps is not None else sp.steps
     mode = mode or sp.mode
-    out_dir = Path(out)
-    if out_dir.suffix.lower() == ".png":
-        raise InputError(f"--out {out_dir}: the demo writes one PNG per image; give a directory")
+    out_dir = output_dir(out)
     t0 = time.perf_counter()
     dec = ev.load_decoder(dtype=dtype, progress=progress)
     load_s = time.perf_counter() - t0
@@ -131,8 +129,21 @@ def synthetic_latent(channels: int, h: int, w: int) -> np.ndarray:
     return z[None].astype(np.float32)
 
 
+RANDOM_PNG = "random-weights.png"  # what `--random-weights` writes into the --out directory
+
+
+def output_dir(out: str | Path) -> Path:
+    """The demo's --out, a directory in both modes (one PNG per image, or random-weights.png)."""
+    out_dir = Path(out)
+    if out_dir.suffix.lower() == ".png":
+        raise InputError(f"--out {out_dir}: the demo writes into a directory (both modes); give a directory")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir}: exists and is not a directory")
+    return out_dir
+
+
 def run_random_demo(
-    out: str | Path = "demo.png",
+    out: str | Path = "pid-jax-demo",
     size: int = 256,
     steps: int | None = None,
     seed: int = 0,
@@ -140,13 +151,14 @@ def run_random_demo(
     progress: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """The whole pipeline on a small network with random weights: plumbing and timings, not quality.
-    `steps` defaults to the demo preset's sampler."""
+    Writes `out`/random-weights.png; `steps` defaults to the demo preset's sampler."""
+    out_dir = output_dir(out)
     preset = load_preset("demo")
     steps = preset.sampler.steps if steps is None else steps
     scale = preset.network.pixel_scale
     if size <= 0 or size % scale:
         raise InputError(f"--size {size}: must be a positive multiple of {scale} (latent x VAE factor x sr_scale)")
-    paths = output_paths(out, 1)
+    paths = [out_dir / RANDOM_PNG]
     t0 = time.perf_counter()
     model = init_pidnet(preset.network, seed=seed, dtype=resolve_dtype(dtype))
     dec = PiDDecoder(preset, model, progress=progress)

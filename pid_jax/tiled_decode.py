@@ -72,6 +72,10 @@ class Layout:
     def blend(self, images, height: int, width: int):
         return blend(images, self.origins, self.scale, height, width, self.overlap, self.margin)
 
+    def accumulator(self, batch: int, height: int, width: int) -> BlendAccumulator:
+        """Host-side blending of decoded tiles as they arrive (same result as `blend` of all of them)."""
+        return BlendAccumulator(self, batch, height, width)
+
 
 def layout(
     latent_hw: tuple[int, int], height: int, width: int, tile: int | None, overlap: int, patch: int, margin: int = 0
@@ -113,9 +117,7 @@ def blend(
     bt, c, th, tw = images.shape
     t = len(origins)
     b = bt // t
-    wy = ramp(th, overlap * scale, margin) if th < height else np.ones(th, np.float32)
-    wx = ramp(tw, overlap * scale, margin) if tw < width else np.ones(tw, np.float32)
-    win = xp.asarray(wy[:, None] * wx[None, :])
+    win = xp.asarray(_windows(th, tw, height, width, overlap * scale, margin))
     images = images.astype(np.float32).reshape(b, t, c, th, tw)
     acc = xp.zeros((b, c, height, width), np.float32)
     norm = xp.zeros((height, width), np.float32)
@@ -129,6 +131,41 @@ def blend(
             acc = acc.at[:, :, y0 : y0 + th, x0 : x0 + tw].add(images[:, k] * win)
             norm = norm.at[win_at].add(win)
     return acc / norm
+
+
+def _windows(th: int, tw: int, height: int, width: int, overlap_px: int, margin: int = 0) -> np.ndarray:
+    wy = ramp(th, overlap_px, margin) if th < height else np.ones(th, np.float32)
+    wx = ramp(tw, overlap_px, margin) if tw < width else np.ones(tw, np.float32)
+    return wy[:, None] * wx[None, :]
+
+
+class BlendAccumulator:
+    """`blend` one chunk at a time: host memory is the output image and its weights, not every decoded tile.
+
+    Tile i of the decode (batch-major, then row-major, as `split` orders them) is added with `add(i, image)`;
+    per output pixel the sum runs over tiles in the same order as `blend`'s, so the result is the same."""
+
+    def __init__(self, lay: Layout, batch: int, height: int, width: int):
+        self.lay, self.height, self.width = lay, height, width
+        th, tw = lay.tile_h * lay.scale, lay.tile_w * lay.scale
+        self.win = _windows(th, tw, height, width, lay.overlap * lay.scale, lay.margin)
+        self.acc = np.zeros((batch, 3, height, width), np.float32)
+        self.norm = np.zeros((height, width), np.float32)
+        self.th, self.tw = th, tw
+
+    def add(self, index: int, image: np.ndarray) -> None:
+        """Add decoded tile `index` ([C, th, tw]) at its place."""
+        n = len(self.lay.origins)
+        b, k = divmod(index, n)
+        r, c = self.lay.origins[k]
+        y0, x0 = r * self.lay.scale, c * self.lay.scale
+        at = (slice(y0, y0 + self.th), slice(x0, x0 + self.tw))
+        self.acc[(b, slice(None), *at)] += np.asarray(image, np.float32) * self.win
+        if b == 0:
+            self.norm[at] += self.win
+
+    def result(self) -> np.ndarray:
+        return self.acc / self.norm
 
 
 def check_tiling(tile: int, overlap: int, scale: int, patch: int, margin: int = 0) -> tuple[int, int]:

@@ -372,6 +372,8 @@ def convert_checkpoint(
 ) -> tuple[Path, ConversionReport]:
     preset = load_config(config)
     ckpt = Path(ckpt)
+    if Path(out_dir).exists() and not overwrite:  # refused before the checkpoint is read and mapped
+        raise PidError(f"{out_dir} already exists (pass --overwrite to replace it)")
     progress(f"reading {ckpt}")
     mapped, report = read_checkpoint(ckpt, preset)
     for line in report.lines():

@@ -218,10 +218,13 @@ def test_refused_decode_writes_nothing(capsys, tmp_path: Path, case: str, patter
 
 
 def test_demo(capsys, tmp_path: Path) -> None:
-    code, out, err = run(capsys, "demo", "--random-weights", "--out", tmp_path / "demo.png")
+    """`demo --random-weights --out DIR` writes DIR/random-weights.png (a directory in both modes, issue 18)."""
+    code, out, err = run(capsys, "demo", "--random-weights", "--out", tmp_path / "d")
     assert code == 0, err
-    assert files_under(tmp_path) == ["demo.png"]
-    assert "RANDOM WEIGHTS" in out and out.rstrip().endswith(f"wrote {tmp_path / 'demo.png'}")
-    with Image.open(tmp_path / "demo.png") as im:
+    assert files_under(tmp_path) == ["d/random-weights.png"]
+    assert "RANDOM WEIGHTS" in out and out.rstrip().endswith(f"wrote {tmp_path / 'd' / 'random-weights.png'}")
+    code, _, err = run(capsys, "demo", "--random-weights", "--out", tmp_path / "demo.png")
+    assert code == 2 and "give a directory" in err and files_under(tmp_path) == ["d/random-weights.png"]
+    with Image.open(tmp_path / "d" / "random-weights.png") as im:
         assert im.size == (256, 256) and "pid-jax" in im.text
         assert np.asarray(im).std() > 0

@@ -49,7 +49,8 @@ def test_train_runs_on_an_image_directory(uninterrupted) -> None:
     from PIL import Image
 
     with Image.open(out / "samples" / "step_0000007.png") as im:
-        assert im.size == (64, 32)  # [decoded | target]
+        assert im.size == (64, 32 + 18)  # [decoded | target] under a caption strip (step, weights | "target")
+        assert json.loads(im.text["pid-jax"])["step"] == 7
         # a teacher's samples use the undistilled sampler with guidance (upstream's teacher settings: this tiny
         # preset has none of its own), against the null caption here (no caption encoder)
         assert json.loads(im.text["pid-jax"])["sampler"] == "dpmpp 25 steps, cfg 5"

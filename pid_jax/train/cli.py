@@ -47,7 +47,11 @@ def register(sub) -> None:
     )
     g.add_argument("--stage", choices=("teacher", "full"), default="teacher", help=STAGE_HELP)
     g.add_argument("--steps", type=int, required=True, help="train until this many steps in total")
-    g.add_argument("--batch", type=int, default=1, help="global batch (divisible by the mesh's data axis)")
+    g.add_argument(
+        "--batch",
+        type=int,
+        help="global batch, divisible by the mesh's data axis (default: the data axis size, i.e. one image per device)",
+    )
     g.add_argument("--size", type=_pair("HxW", "256x256"), default=(256, 256), help="training crop size HxW")
     g.add_argument("--out", required=True, help="run directory (must not hold a run unless --resume)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest saved step")
@@ -55,9 +59,9 @@ def register(sub) -> None:
     g = s.add_argument_group("weights and conditioning")
     g.add_argument(
         "--init",
-        help="init checkpoint (.pth/.safetensors), loaded strictly; for --stage teacher the adapter keys may be "
-        "missing (initialised as upstream, listed in log.txt). Without it the whole network starts from "
-        "upstream's init",
+        help="init checkpoint (.pth/.safetensors, or a converted directory), loaded strictly; for --stage "
+        "teacher the adapter keys may be missing (initialised as upstream, listed in log.txt). Without it the "
+        "whole network starts from upstream's init",
     )
     g.add_argument("--gemma", help="Gemma-2 directory or repo id: encodes <stem>.txt captions and the null caption")
     g.add_argument(

@@ -128,16 +128,23 @@ def init_like_upstream(cfg: PidNetConfig, seed: int = 0, attn_impl: str = "auto"
 def load_init(
     path: str | os.PathLike, cfg: PidNetConfig, stage: str, seed: int = 0, attn_impl: str = "auto"
 ) -> tuple[PidNet, list[str]]:
-    """Load a `.pth`/`.safetensors` init checkpoint strictly into the training network.
+    """Load a `.pth`/`.safetensors` init checkpoint, or a converted directory (`pid-jax convert`,
+    `train-export --out`), strictly into the training network.
 
     Every file key must exist in the network with the same shape, and every network key must be in the
     file, except for the teacher stage, where adapter keys (`lq_proj.*`, `pit_lq_gate.*`) may be missing
     (upstream starts its teacher from a backbone-only file): those keep upstream's init and are returned.
     """
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"{p}: no such init checkpoint")
-    net_sd, stray = select_network_keys(load_state_dict(p), ConversionReport())
+    if p.is_dir():
+        from pid_jax.weights import load_converted
+
+        _, net_sd = load_converted(p)  # manifest, shapes and checksums verified
+        stray: list[str] = []
+    elif p.is_file():
+        net_sd, stray = select_network_keys(load_state_dict(p), ConversionReport())
+    else:
+        raise CheckpointError(f"{p}: no such init checkpoint (a .pth/.safetensors file or a converted directory)")
     model = init_like_upstream(cfg, seed, attn_impl)
     state = nnx.state(model, nnx.Param)
     want = {path_to_key(k): tuple(v.shape) for k, v in nnx.to_flat_state(state)}

@@ -62,7 +62,7 @@ class RunOptions:
     out: str
     stage: str = "teacher"
     steps: int = 1000
-    batch: int = 1
+    batch: int | None = None  # None: one image per device of the mesh's data axis
     size: tuple[int, int] = (256, 256)
     init: str | None = None
     gemma: str | None = None
@@ -237,7 +237,7 @@ def _load_network(preset: Preset, opts: RunOptions, log: Progress):
     from pid_jax.train.init import init_like_upstream, load_init
 
     if opts.init:
-        if not Path(opts.init).is_file():
+        if not Path(opts.init).exists():
             raise CheckpointError(f"--init {opts.init}: no such checkpoint file")
         model, initialised = load_init(opts.init, preset.network, opts.stage, seed=opts.seed, attn_impl=opts.attn)
         note = f"; {len(initialised)} adapter key(s) missing, initialised as upstream:" if initialised else ""
@@ -340,11 +340,13 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
     # 1. Everything that can be refused is checked before building or compiling anything.
     preset = load_config(opts.config)
     tcfg = train_config(opts)
+    if opts.batch is None:  # the default batch fills the data axis (a fixed 1 fails on a multi-device host)
+        opts = dataclasses.replace(opts, batch=(opts.mesh or (jax.device_count(), 1))[0])
     if opts.steps < 1 or opts.batch < 1:
         raise InputError(f"--steps {opts.steps} and --batch {opts.batch} must be >= 1")
     if opts.save_every < 1:
         raise InputError(f"--save-every {opts.save_every} (expected >= 1)")
-    if opts.init and not Path(opts.init).is_file():
+    if opts.init and not Path(opts.init).exists():  # a .pth/.safetensors file or a converted directory
         raise CheckpointError(f"--init {opts.init}: no such checkpoint file")
     has_aux = preset.network.lq_aux_rgb_head
     tcfg.resolved_aux_weight(has_aux)  # refuses --aux-weight for a network without the aux head
@@ -473,7 +475,7 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
                     _kill_hook(done)
                 if opts.sample_every and primary and (done % opts.sample_every == 0 or done == opts.steps):
                     sampler = sampler or _Sampler(graphdef, preset, sample_batch, opts.stage, negative)
-                    sampler.write(state, out / "samples" / f"step_{done:07d}.png")
+                    sampler.write(state, out / "samples" / f"step_{done:07d}.png", step=done)
         ckpt.wait()
         if opts.export and primary and start < opts.steps:
             _export_final(graphdef, state, preset, out / "final", log)
@@ -518,7 +520,9 @@ class _Sampler:
         self._run = run
         self._jit = None
 
-    def write(self, state, path: Path) -> None:
+    def write(self, state, path: Path, step: int | None = None) -> None:
+        """[decoded | target] with a caption strip over each half: the step and the weights, and "target"."""
+        from pid_jax.demo import LABEL_H, side_by_side
         from pid_jax.io import write_pngs
         from pid_jax.sampler import to_uint8
         from pid_jax.train.state import merged_model
@@ -529,9 +533,11 @@ class _Sampler:
             if self._jit is None:
                 self._jit = jax.jit(lambda p, z, y: self._run(graph, p, z, y))
             img = self._jit(params, jnp.asarray(self.batch["z"]), jnp.asarray(self.batch["y"]))
-        pair = np.concatenate([to_uint8(np.asarray(img)), to_uint8(self.batch["x0"])], axis=2)  # [B, H, W, 3]
+        decoded, target = to_uint8(np.asarray(img))[0], to_uint8(self.batch["x0"])[0]
+        head = f"step {step} EMA" if step is not None else "EMA decode"
+        pair = side_by_side([(decoded, head), (target, "target")], gap=0)[None]  # [1, H + strip, 2W, 3]
         settings = {"preset": self.preset.name, "weights": "ema", "layout": "decoded | target", "sampler": self.sampler}
-        settings = json.dumps(settings)
+        settings = json.dumps({**settings, "step": step, "caption_strip_px": LABEL_H})
         write_pngs(pair, [path], {"pid-jax": settings})
 
 

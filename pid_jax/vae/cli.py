@@ -184,9 +184,18 @@ def cmd_vae_decode(args: argparse.Namespace) -> int:
     from pid_jax.vae import load_vae, vae_kind_for_backbone
     from pid_jax.vae.tiling import choose_tiling
 
-    if (args.backbone is None) == (args.vae is None):
-        raise InputError("give exactly one of --backbone NAME and --vae KIND")
-    kind = vae_kind_for_backbone(args.backbone) if args.backbone else args.vae
+    if args.backbone is not None and args.vae is not None:
+        raise InputError("give at most one of --backbone NAME and --vae KIND")
+    named = None
+    if args.vae_config:  # a VAE config names its kind: --vae is then implied
+        from pid_jax.vae.config import VAEConfig
+
+        named = VAEConfig.from_json(args.vae_config).kind
+    if args.backbone is None and args.vae is None and named is None:
+        raise InputError("give --backbone NAME or --vae KIND (or a --vae-config, which names its kind)")
+    kind = vae_kind_for_backbone(args.backbone) if args.backbone else (args.vae or named)
+    if named is not None and kind != named:
+        raise InputError(f"--vae-config {args.vae_config} is a {named} VAE, but {kind!r} was asked for")
     z = load_array(args.latent, "latent", LATENT_KEYS)
     if z.ndim == 3:
         z = z[None]
@@ -273,7 +282,11 @@ def register(sub) -> None:
     s = sub.add_parser("vae-decode", help="decode a latent with the LDM's own VAE (the baseline PiD replaces)")
     s.add_argument("--latent", required=True, help=".npy/.npz/.safetensors [B, C, h, w] (normalised, as PiD takes)")
     s.add_argument("--backbone", help="backbone name: picks the VAE")
-    s.add_argument("--vae", choices=("flux", "sd3", "sdxl", "flux2", "qwenimage"), help="VAE kind")
+    s.add_argument(
+        "--vae",
+        choices=("flux", "sd3", "sdxl", "flux2", "qwenimage"),
+        help="VAE kind (default: the kind --vae-config names, else from --backbone)",
+    )
     s.add_argument("--out", required=True, help="output .png (out_0.png, ... for a batch)")
     _common(s)
     s.set_defaults(fn=cmd_vae_decode)
