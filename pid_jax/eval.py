@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pid_jax.errors import InputError
+from pid_jax.files import apply_umask
 
 HELD_OUT = ("astronaut", "chelsea", "coffee")
 SETTINGS: tuple[tuple[int, str], ...] = ((1, "ode"), (1, "sde"), (2, "ode"), (2, "sde"), (4, "ode"), (4, "sde"))
@@ -264,6 +265,7 @@ def write_json(obj: Any, path: str | Path) -> Path:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1)
             f.write("\n")
+        apply_umask(tmp)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,4 +1,5 @@
-"""Paths and files on disk, shared by every verb: absolute paths for Orbax, a full disk, directory locks.
+"""Paths and files on disk, shared by every verb: absolute paths for Orbax, output permissions, a full disk,
+directory locks.
 
 Orbax refuses relative paths ("Checkpoint path should be absolute"), so every path handed to it goes through
 `absolute` first: `~` expanded, made absolute against the working directory and normalised, symlinks kept
@@ -26,6 +27,31 @@ LOCK_NAME = ".pid-jax.lock"
 def absolute(path: str | os.PathLike) -> Path:
     """`path` as an absolute, normalised path (`~` expanded; symlinks not resolved)."""
     return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+# --- permissions of outputs written under a temporary name ---------------------------------------------
+
+
+def current_umask() -> int:
+    """The process's umask (from /proc on Linux, which reads it without changing it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)  # elsewhere: set and restore (briefly process-wide)
+    os.umask(old)
+    return old
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give a file or directory made by `tempfile.mkstemp` (0600) / `mkdtemp` (0700) the mode a plain `open` /
+    `mkdir` would have given it (0666 / 0777 less the umask), so outputs are not private to their owner.
+    Call it on the temporary name, before the rename into place."""
+    p = Path(path)
+    os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~current_umask())
 
 
 # --- a full disk ----------------------------------------------------------------------------------
@@ -119,6 +145,8 @@ def directory_lock(d: str | os.PathLike, what: str) -> Iterator[Path]:
 __all__ = [
     "LOCK_NAME",
     "absolute",
+    "apply_umask",
+    "current_umask",
     "directory_lock",
     "ignore_closed_event_loop",
     "no_space",

@@ -38,7 +38,7 @@ from pid_jax.config import Preset, load_config
 from pid_jax.convert.pidnet import ConversionReport, expected_shapes, load_into, map_state_dict
 from pid_jax.convert.torch_checkpoint import load_state_dict
 from pid_jax.errors import CheckpointError, InputError, PidError
-from pid_jax.files import absolute, no_space, no_space_error, remove, remove_after_failure
+from pid_jax.files import absolute, apply_umask, no_space, no_space_error, remove, remove_after_failure
 from pid_jax.modeling import PidNet, abstract_pidnet
 
 FORMAT_VERSION = 1
@@ -222,6 +222,7 @@ def _write_entry(
             raise PidError(f"{out} already exists (written meanwhile by another process)")
         # Rename, not delete: a run killed in between leaves no entry at all, never half of one.
         os.replace(out, old)
+    apply_umask(tmp)  # mkdtemp made it 0700
     os.replace(tmp, out)
 
 
