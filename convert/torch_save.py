@@ -24,6 +24,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from pid_jax.files import apply_umask
+
 STORAGE_NAMES: dict[np.dtype, str] = {
     np.dtype(ml_dtypes.bfloat16): "BFloat16Storage",
     np.dtype("<f4"): "FloatStorage",
@@ -291,6 +293,7 @@ def save_state_dict(path: str | os.PathLike, tensors: dict[str, np.ndarray]) -> 
         write_zip(tmp, members)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        apply_umask(tmp)  # mkstemp made it 0600
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

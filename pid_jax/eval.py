@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from pid_jax.errors import InputError
+from pid_jax.files import apply_umask
 from pid_jax.shipped import asset, shipped_weights
 from pid_jax.shipped import shipped_record as shipped_record  # re-exported: the demo reads it here
 
@@ -355,6 +356,7 @@ def write_json(obj: Any, path: str | Path) -> Path:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1)
             f.write("\n")
+        apply_umask(tmp)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

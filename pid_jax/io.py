@@ -13,6 +13,7 @@ import numpy as np
 
 from pid_jax.convert.safetensors_io import load_safetensors
 from pid_jax.errors import InputError, PidError
+from pid_jax.files import apply_umask
 
 LATENT_KEYS = ("latent", "latents", "lq_latent", "in.lq_latent")
 EMBEDDING_KEYS = ("caption_embeddings", "embeddings", "y", "in.y")
@@ -74,6 +75,7 @@ def write_pngs(images: np.ndarray, paths: Sequence[Path], metadata: dict[str, st
                 f.flush()
                 os.fsync(f.fileno())
         for tmp, path in temps:
+            apply_umask(tmp)  # mkstemp made it 0600
             os.replace(tmp, path)
             placed.append(path)
     except OSError as e:
@@ -98,6 +100,7 @@ def write_npy(array: np.ndarray, path: str | Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, array)
+        apply_umask(tmp)
         os.replace(tmp, p)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)

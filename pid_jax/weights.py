@@ -20,7 +20,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from pid_jax.config import Preset, load_config
 from pid_jax.convert.pidnet import ConversionReport, expected_shapes, load_into, map_state_dict
 from pid_jax.convert.torch_checkpoint import load_state_dict
 from pid_jax.errors import CheckpointError, InputError, PidError
-from pid_jax.files import absolute
+from pid_jax.files import absolute, apply_umask, no_space, no_space_error, remove, remove_after_failure
 from pid_jax.modeling import PidNet, abstract_pidnet
 
 FORMAT_VERSION = 1
@@ -184,17 +183,17 @@ def write_converted(
             if old.exists() and not out.exists():
                 with contextlib.suppress(OSError):
                     os.replace(old, out)  # put the previous entry back
-            _remove_after_failure(tmp)
+            remove_after_failure(tmp)
             if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit
                 raise
-            if _no_space(e):
-                raise PidError(f"no space left on the device while writing {out}; partial files were removed") from None
+            if no_space(e):
+                raise no_space_error(out) from None
             if isinstance(e, OSError):
                 if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and not overwrite:
                     raise PidError(f"{out} already exists (written meanwhile by another process)") from None
                 raise PidError(f"could not write {out}: {e}") from None
             raise
-    _remove(old)
+    remove(old)
     return out
 
 
@@ -223,17 +222,8 @@ def _write_entry(
             raise PidError(f"{out} already exists (written meanwhile by another process)")
         # Rename, not delete: a run killed in between leaves no entry at all, never half of one.
         os.replace(out, old)
+    apply_umask(tmp)  # mkdtemp made it 0700
     os.replace(tmp, out)
-
-
-def _remove_after_failure(p: Path) -> None:
-    """Remove a failed write's directory. TensorStore writes still in flight when Orbax gives up can recreate
-    it a moment later, so look again for a short while."""
-    _remove(p)
-    for _ in range(10):
-        time.sleep(0.05)
-        if p.exists():
-            _remove(p)
 
 
 @contextlib.contextmanager
@@ -259,13 +249,6 @@ def _quiet_orbax_failures() -> Iterator[None]:
         sys.unraisablehook = hook
 
 
-def _no_space(e: BaseException) -> bool:
-    """A full disk: an OSError with ENOSPC, or TensorStore's error (a ValueError) carrying the OS's text."""
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return True
-    return "No space left on device" in str(e) or f"os_error_code='{errno.ENOSPC}'" in str(e)
-
-
 def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -273,10 +256,6 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _remove(p: Path) -> None:
-    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def read_manifest(d: Path) -> dict[str, Any]:
@@ -433,7 +412,7 @@ def _remove_leftovers(d: Path, progress: Progress) -> None:
     """Temporary directories of conversions that were killed (only called with the cache's lock held)."""
     leftovers = list(d.parent.glob(f".{d.name}.tmp-*"))
     for p in leftovers:
-        _remove(p)
+        remove(p)
     if leftovers:
         progress(f"removed {len(leftovers)} leftover(s) of an interrupted conversion beside {d}")
 

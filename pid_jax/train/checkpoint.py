@@ -23,7 +23,7 @@ from typing import Any
 import jax
 
 from pid_jax.errors import CheckpointError
-from pid_jax.files import absolute
+from pid_jax.files import absolute, ignore_closed_event_loop, no_space, no_space_error, remove_after_failure
 
 
 @contextlib.contextmanager
@@ -45,6 +45,9 @@ class TrainCheckpointer:
 
         self.directory = absolute(run_dir) / "checkpoints"  # Orbax wants absolute paths
         self.save_every = int(save_every)
+        self._pending: int | None = None  # the step whose (asynchronous) save may still fail
+        self._failed = False
+        self._closed = False
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=True,
@@ -78,7 +81,7 @@ class TrainCheckpointer:
 
         if not (force or self.should_save(step)) or step in self._mngr.all_steps():
             return False
-        with _quiet_absl():
+        with self._disk_errors():  # the previous step's save is awaited here: its failure surfaces now
             self._mngr.save(
                 step,
                 args=ocp.args.Composite(
@@ -86,7 +89,31 @@ class TrainCheckpointer:
                 ),
                 force=True,
             )
+            self._pending = step
         return True
+
+    @contextlib.contextmanager
+    def _disk_errors(self) -> Iterator[None]:
+        """A full disk during a save: remove the unfinished step (Orbax leaves `<step>.orbax-checkpoint-tmp`
+        filling the disk) and say so in one line. Orbax's own error logs from its threads are silenced."""
+        log = logging.getLogger("absl")
+        level = log.level
+        log.setLevel(logging.CRITICAL)
+        try:
+            yield
+        except Exception as e:
+            if not no_space(e):
+                raise
+            self._failed = True
+            ignore_closed_event_loop()
+            for p in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                remove_after_failure(p)
+            saved = self._mngr.latest_step()
+            then = f"; free some space and --resume (from step {saved})" if saved is not None else ""
+            where = self.directory / str(self._pending if self._pending is not None else "")
+            raise no_space_error(where, then) from None
+        finally:
+            log.setLevel(level)
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
         """(state, data position) of `step` (default: the latest), restored into `abstract_state`'s structure,
@@ -113,10 +140,18 @@ class TrainCheckpointer:
         return got["state"], dict(got["data"])
 
     def wait(self) -> None:
-        self._mngr.wait_until_finished()
+        with self._disk_errors():
+            self._mngr.wait_until_finished()
 
     def close(self) -> None:
-        with _quiet_absl():
+        if self._closed:
+            return
+        self._closed = True
+        if self._failed:  # already reported; Orbax's threads may still complain while shutting down
+            with contextlib.suppress(Exception), self._disk_errors():
+                self._mngr.close()
+            return
+        with self._disk_errors():
             self._mngr.wait_until_finished()
             self._mngr.close()
 

@@ -22,7 +22,9 @@ def register(sub) -> None:
         "train",
         help="train a PiD network (teacher adapter or full network) on a directory of images",
         description="Flow-matching training as upstream's (losses, AdamW, warm-up, clipping, power EMA), resumable "
-        "and data parallel. Writes RUN_DIR/{run.json, checkpoints/, metrics.jsonl, tb/, samples/, log.txt, final/}.",
+        "and data parallel. Writes RUN_DIR/{run.json, checkpoints/, metrics.jsonl, tb/, samples/, log.txt, final/}; "
+        "one run at a time per RUN_DIR (locked). Ctrl-C saves the current step and exits (130); a second Ctrl-C "
+        "aborts.",
     )
     g = s.add_argument_group("run")
     g.add_argument("--config", required=True, help="preset name or JSON (preset, or upstream PidNet arguments)")
@@ -195,6 +197,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = run(opts, progress=_progress)
     m = result["metrics"]
     loss = f", loss {m['loss']:.5f}" if m else ""
+    if result.get("interrupted"):  # the first Ctrl-C: saved, ended cleanly; 130 as an interrupted command
+        print(f"interrupted at step {result['step']} (saved){loss}; continue with --resume; run in {result['out']}")
+        return 130
     print(f"trained to step {result['step']}{loss}; run in {result['out']}")
     return 0
 

@@ -22,12 +22,14 @@ floating-point reduction order.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +42,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pid_jax import files
 from pid_jax.config import Preset, load_config
 from pid_jax.errors import CheckpointError, InputError
 from pid_jax.files import absolute
@@ -323,6 +326,44 @@ class _Metrics:
             self.tb.close()
 
 
+class _Interrupt:
+    """Ctrl-C during training: the first SIGINT finishes the step, saves it and ends the run cleanly (exit 130,
+    `--resume` continues); a second one aborts at once (KeyboardInterrupt)."""
+
+    def __init__(self, log: Progress):
+        self.log, self.requested, self._prev = log, False, None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log("interrupt: saving after this step (Ctrl-C again to abort without saving)")
+
+    def __enter__(self) -> _Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._prev = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._prev is not None:
+            signal.signal(signal.SIGINT, self._prev)
+            self._prev = None
+
+
+# What a run writes into its directory (removed again when a new run fails before its first save).
+RUN_ENTRIES = ("run.json", "log.txt", "metrics.jsonl", ".metrics.jsonl.tmp", "tb", "samples", "captions", "final")
+
+
+def _saved_steps(out: Path) -> list[int]:
+    d = out / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def _discard_run(out: Path) -> None:
+    for name in (*RUN_ENTRIES, "checkpoints"):
+        files.remove(out / name)
+
+
 def _kill_hook(step: int) -> None:
     """Test hook: PID_JAX_TEST_KILL_AFTER_SAVE=<n> SIGKILLs the process right after issuing the save of step n
     (its files still being written in the background) -- the worst moment for atomicity."""
@@ -387,104 +428,124 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
     if skipped:  # a resume must skip the same files (else its data order would differ)
         ident["skipped"] = [str(Path(f).resolve()) for f, _ in skipped]
         ident["skipped_reasons"] = [why for _, why in skipped]
-    _check_run_dir(out, ident, opts.resume)
-
-    # 2. The network (a strict init load refuses a mismatched checkpoint here, before anything is written).
     primary = proc == 0
-    messages: list[str] = [f"--skip-bad: {len(skipped)} bad image(s) left out:"] if skipped else []
-    messages += [f"  skipped {why}" for _, why in skipped]
-    model = _load_network(preset, opts, messages.append)
-    encoder = _latent_encoder(latent_mode, preset, opts, tcfg)
-    if n_proc > 1:  # every process has checked the run directory before process 0 writes into it
-        from jax.experimental import multihost_utils
+    # One run per directory: another `train --out` of it (or a --resume while it runs) refuses in one line.
+    with files.directory_lock(out, "pid-jax train") if primary else contextlib.nullcontext():
+        _check_run_dir(out, ident, opts.resume)
 
-        multihost_utils.sync_global_devices("pid-jax train: inputs checked")
+        # 2. The network (a strict init load refuses a mismatched checkpoint here, before anything is written).
+        messages: list[str] = [f"--skip-bad: {len(skipped)} bad image(s) left out:"] if skipped else []
+        messages += [f"  skipped {why}" for _, why in skipped]
+        model = _load_network(preset, opts, messages.append)
+        encoder = _latent_encoder(latent_mode, preset, opts, tcfg)
+        if n_proc > 1:  # every process has checked the run directory before process 0 writes into it
+            from jax.experimental import multihost_utils
 
-    # 3. The run directory and the state.
-    out.mkdir(parents=True, exist_ok=True)
-    log = _Log(progress, out / "log.txt" if primary else None)
-    if primary and not opts.resume:
-        _write_json_atomic(out / "run.json", ident)
-    for msg in messages:
-        log(msg)
-    records = data_lib.encode_texts(records, gemma_encode, out / "captions")
+            multihost_utils.sync_global_devices("pid-jax train: inputs checked")
 
-    from pid_jax.train.state import init_train_state
+        # 3. The run directory and the state.
+        out.mkdir(parents=True, exist_ok=True)
+        log = _Log(progress, out / "log.txt" if primary else None)
+        if primary and not opts.resume:
+            _write_json_atomic(out / "run.json", ident)
+        for msg in messages:
+            log(msg)
+        records = data_lib.encode_texts(records, gemma_encode, out / "captions")
 
-    graphdef, state = init_train_state(model, tcfg, opts.seed)
-    del model
-    state = _replicated(state, mesh)
-    ckpt = TrainCheckpointer(out, opts.save_every)
-    data_pos = None
-    start = 0
-    if opts.resume and ckpt.latest_step() is not None:
-        state, data_pos = ckpt.restore(state)
-        start = int(data_pos["step"])
-        log(f"resumed from step {start} ({out / 'checkpoints' / str(start)})")
-    elif opts.resume:
-        log("--resume: no saved step yet, starting at step 0")
-    if start >= opts.steps:
-        log(f"step {start} already reaches --steps {opts.steps}; nothing to train")
+        from pid_jax.train.state import init_train_state
 
-    # 4. Data for this process.
-    loader = data_lib.SampleLoader(tuple(records), spec, null, opts.seed, tcfg.caption_drop_prob)
-    dataset = data_lib.make_dataset(loader, opts.batch, proc, n_proc)
-    batches = data_lib.BatchIterator(dataset, opts.workers).start(data_pos["data"] if data_pos else None)
+        graphdef, state = init_train_state(model, tcfg, opts.seed)
+        del model
+        state = _replicated(state, mesh)
+        ckpt = TrainCheckpointer(out, opts.save_every)
+        data_pos = None
+        start = 0
+        if opts.resume and ckpt.latest_step() is not None:
+            state, data_pos = ckpt.restore(state)
+            start = int(data_pos["step"])
+            log(f"resumed from step {start} ({out / 'checkpoints' / str(start)})")
+        elif opts.resume:
+            log("--resume: no saved step yet, starting at step 0")
+        if start >= opts.steps:
+            log(f"step {start} already reaches --steps {opts.steps}; nothing to train")
 
-    # 5. The compiled step.
-    from pid_jax.train.step import train_step
+        # 4. Data for this process.
+        loader = data_lib.SampleLoader(tuple(records), spec, null, opts.seed, tcfg.caption_drop_prob)
+        dataset = data_lib.make_dataset(loader, opts.batch, proc, n_proc)
+        batches = data_lib.BatchIterator(dataset, opts.workers).start(data_pos["data"] if data_pos else None)
 
-    state_sharding = jax.tree.map(lambda a: a.sharding, state)
-    rep = NamedSharding(mesh, P())
-    step_fn = jax.jit(
-        lambda s, b: train_step(graphdef, tcfg, s, b),
-        donate_argnums=0,
-        out_shardings=(state_sharding, rep),
-    )
-    metrics_out = _Metrics(out, start, primary)
-    bar = _Progress(opts.steps, start, opts.log_every)
-    sample_batch, sampler = None, None
-    negative = (
-        _sample_negative(preset, null, gemma_encode, log) if opts.stage == "teacher" and opts.sample_every else None
-    )
-    last: dict[str, Any] = {}
-    log(
-        f"training {preset.name} ({opts.stage}) {h}x{w}, batch {opts.batch} on mesh {mesh_shape[0]}x{mesh_shape[1]} "
-        f"({n_proc} process(es)), steps {start} -> {opts.steps}, {latent_mode} latents, dtype {tcfg.dtype}"
-    )
-    try:
-        with jax.set_mesh(mesh):
-            for step in range(start, opts.steps):
-                local = next(batches)
-                local.pop("index", None)
-                b = _global_batch(local, mesh, opts.batch)
-                if encoder is not None:
-                    b["z"] = encoder(b["x0"])
-                if sample_batch is None and opts.sample_every:
-                    sample_batch = {k: np.asarray(v)[:1] for k, v in local.items()} | (
-                        {"z": np.asarray(_local(b["z"]))[:1]} if "z" in b else {}
-                    )
-                state, m = step_fn(state, b)
-                m = {k: np.asarray(v).item() for k, v in jax.device_get(_local(m)).items()}
-                done = step + 1
-                m["steps_per_s"] = round(bar.update(done, m), 4)
-                metrics_out.write(done, m)
-                last = m
-                if ckpt.should_save(done) or done == opts.steps:
-                    ckpt.save(done, state, {"data": batches.state()}, force=True)
-                    _kill_hook(done)
-                if opts.sample_every and primary and (done % opts.sample_every == 0 or done == opts.steps):
-                    sampler = sampler or _Sampler(graphdef, preset, sample_batch, opts.stage, negative)
-                    sampler.write(state, out / "samples" / f"step_{done:07d}.png", step=done)
-        ckpt.wait()
-        if opts.export and primary and start < opts.steps:
-            _export_final(graphdef, state, preset, out / "final", log)
-    finally:
-        batches.close()
-        metrics_out.close()
-        ckpt.close()
-    log(f"done: step {max(start, opts.steps)}; checkpoints in {out / 'checkpoints'}")
-    return {"step": max(start, opts.steps), "metrics": last, "out": str(out), "skipped": int(_local(state.skipped))}
+        # 5. The compiled step.
+        from pid_jax.train.step import train_step
+
+        state_sharding = jax.tree.map(lambda a: a.sharding, state)
+        rep = NamedSharding(mesh, P())
+        step_fn = jax.jit(
+            lambda s, b: train_step(graphdef, tcfg, s, b),
+            donate_argnums=0,
+            out_shardings=(state_sharding, rep),
+        )
+        metrics_out = _Metrics(out, start, primary)
+        bar = _Progress(opts.steps, start, opts.log_every)
+        sample_batch, sampler = None, None
+        negative = (
+            _sample_negative(preset, null, gemma_encode, log) if opts.stage == "teacher" and opts.sample_every else None
+        )
+        last: dict[str, Any] = {}
+        log(
+            f"training {preset.name} ({opts.stage}) {h}x{w}, batch {opts.batch} on mesh "
+            f"{mesh_shape[0]}x{mesh_shape[1]} ({n_proc} process(es)), steps {start} -> {opts.steps}, "
+            f"{latent_mode} latents, dtype {tcfg.dtype}"
+        )
+        interrupt = _Interrupt(log)
+        interrupted = False
+        try:
+            with jax.set_mesh(mesh), interrupt:
+                for step in range(start, opts.steps):
+                    local = next(batches)
+                    local.pop("index", None)
+                    b = _global_batch(local, mesh, opts.batch)
+                    if encoder is not None:
+                        b["z"] = encoder(b["x0"])
+                    if sample_batch is None and opts.sample_every:
+                        sample_batch = {k: np.asarray(v)[:1] for k, v in local.items()} | (
+                            {"z": np.asarray(_local(b["z"]))[:1]} if "z" in b else {}
+                        )
+                    state, m = step_fn(state, b)
+                    m = {k: np.asarray(v).item() for k, v in jax.device_get(_local(m)).items()}
+                    done = step + 1
+                    m["steps_per_s"] = round(bar.update(done, m), 4)
+                    metrics_out.write(done, m)
+                    last = m
+                    if ckpt.should_save(done) or done == opts.steps or interrupt.requested:
+                        ckpt.save(done, state, {"data": batches.state()}, force=True)
+                        _kill_hook(done)
+                    if interrupt.requested:
+                        ckpt.wait()
+                        log(f"interrupted: saved step {done} in {out / 'checkpoints' / str(done)}; --resume continues")
+                        interrupted = True
+                        break
+                    if opts.sample_every and primary and (done % opts.sample_every == 0 or done == opts.steps):
+                        sampler = sampler or _Sampler(graphdef, preset, sample_batch, opts.stage, negative)
+                        sampler.write(state, out / "samples" / f"step_{done:07d}.png", step=done)
+            ckpt.wait()
+            if opts.export and primary and start < opts.steps and not interrupted:
+                _export_final(graphdef, state, preset, out / "final", log)
+        except BaseException:
+            if primary and not opts.resume:
+                with contextlib.suppress(Exception):
+                    ckpt.close()  # let a save in flight end before looking at what is saved
+                if not _saved_steps(out):
+                    _discard_run(out)  # nothing to resume: leave the directory as a rerun finds it
+            raise
+        finally:
+            batches.close()
+            metrics_out.close()
+            ckpt.close()
+        end = done if interrupted else max(start, opts.steps)
+        if not interrupted:
+            log(f"done: step {end}; checkpoints in {out / 'checkpoints'}")
+        summary = {"step": end, "metrics": last, "out": str(out), "skipped": int(_local(state.skipped))}
+        return {**summary, "interrupted": interrupted}
 
 
 class _Sampler:
