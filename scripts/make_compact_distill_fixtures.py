@@ -1,8 +1,10 @@
 """Build the compact distill fixture (tests/data/distill/v1pt5_flux/) with the shared generator at small widths.
 
-Run in a Python with torch, with PID_REF pointing at an upstream PiD checkout (commit 2c8814c):
+Run in a Python with torch (and upstream's imports: omegaconf, hydra-core, attrs, fvcore, wandb, boto3, imageio,
+pandas), with PID_REF pointing at an upstream PiD checkout (commit 2c8814c):
 
-    PID_REF=/work/upstream FIX_SEED=9 FIX_HW=64,32 /work/torchenv/bin/python scripts/make_compact_distill_fixtures.py tests/data
+    PID_REF=/work/upstream FIX_SEED=9 FIX_HW=64,32 \
+        /work/torchenv/bin/python scripts/make_compact_distill_fixtures.py tests/data
 
 It imports `make_distill_fixtures.py` from the fixture tools (FIX_TOOLS, default ../shared/fixtures/tools) and only
 overrides the network widths; every recorded tensor is still produced by upstream's PidDistillModel and
