@@ -5,11 +5,11 @@
     python3 scripts/train_memory_estimate.py --preset flux_2kto4k_v1pt5_undistilled --stage distill --size 1024 2048
 
 `--stage distill`: one DMD2 iteration of each phase (student; fake score + discriminator). The state (teacher in
-the compute dtype, student and fake score float32 masters, two AdamW states, EMA, discriminator) is counted exactly
-from its shapes. XLA's temporaries come from compiling the phase at reduced depths, (patch, pixel) blocks
-(2, 1), (4, 1), (2, 2) at full width and full image size, and a fit temp = c + a patch + b pixel evaluated at the
-network's depths (the discriminator tap at the middle block scales with it): a full-depth CPU compile of three
-networks takes more host memory than this machine has; `--full-depth` compiles the real network instead.
+the compute dtype, student and fake score float32 masters, two AdamW states, EMA, discriminator) is counted
+exactly from its shapes. XLA's temporaries come from compiling the phase with 2 and 4 patch blocks (full width,
+the network's pixel blocks, full image size) and the line through them evaluated at the network's depth (the
+discriminator tap at the middle block moves with it): a full-depth CPU compile of three networks takes more host
+memory and time than this machine has; `--full-depth` compiles the real network instead.
 
 Compiles `train_step` for abstract inputs on the default backend and prints, per case, the train state
 (arguments), XLA's temporaries, the outputs, and the peak with the state donated (a training loop updates it
@@ -111,14 +111,13 @@ def estimate_distill(preset: str, dtype: str, size: int, remat: bool, full_depth
     t0 = time.perf_counter()
     full = distill_phase_memory(cfg, dtype, size, remat) if full_depth else None
     if full is None:
-        depths = [(2, 1), (4, 1), (2, 2)]
-        runs = [distill_phase_memory(dataclasses.replace(cfg, patch_depth=p, pixel_depth=q), dtype, size, remat)
-                for p, q in depths]  # fmt: skip
-        a = np.array([[1.0, p, q] for p, q in depths])
+        depths = (2, 4)  # patch blocks; the pixel blocks stay the network's
+        runs = [distill_phase_memory(dataclasses.replace(cfg, patch_depth=p), dtype, size, remat) for p in depths]
+        a = np.array([[1.0, p] for p in depths])
         temp = {}
         for ph in ("student", "fake"):
             coef = np.linalg.solve(a, np.array([r[ph]["temp"] for r in runs]))
-            temp[ph] = float(coef @ np.array([1.0, cfg.patch_depth, cfg.pixel_depth]))
+            temp[ph] = float(coef @ np.array([1.0, cfg.patch_depth]))
         state_gib = _full_state_gib(cfg, dtype)
         inputs = runs[0]["student"]["args"] - runs[0]["state"]
     else:
