@@ -393,6 +393,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.train:  # one training step (forward + backward + update) instead of a decode
         from pid_jax.train.bench import run_train_bench as run_bench
 
+        if args.stage == "distill":  # one student and one fake-score iteration of DMD2
+            from pid_jax.train.distill.bench import run_distill_bench as run_bench
+
     result = run_bench(args, progress=_progress)
     if args.json:
         print(json.dumps(result))
@@ -525,7 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.add_argument("--train", action="store_true", help="time one training step (forward, backward, update)")
-    s.add_argument("--stage", choices=("teacher", "full"), default="teacher", help="with --train: what trains")
+    s.add_argument(
+        "--stage",
+        choices=("teacher", "full", "distill"),
+        default="teacher",
+        help="with --train: what trains (distill: one student and one fake-score DMD2 iteration)",
+    )
     s.add_argument(
         "--remat",
         nargs="?",

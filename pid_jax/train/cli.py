@@ -11,10 +11,10 @@ from pid_jax.errors import InputError
 STAGE_HELP = (
     "teacher: train the adapter only (lq_proj.*, pit_lq_gate.*) against the frozen backbone, + aux RGB loss (0.8) "
     "when the network has the head; full: every parameter, FM loss (aux only with --aux-weight). Decides what "
-    "trains whatever the config's train_lq_proj_only says"
+    "trains whatever the config's train_lq_proj_only says; distill: upstream's DMD2 (stage C) from --teacher into a "
+    "four-step student (VSD + GAN, fake score + discriminator every other iteration)"
 )
-
-
+DISTILL_ITERATIONS = 3000  # upstream's stage C: 3k iterations = 500 student updates
 
 
 def register(sub) -> None:
@@ -47,8 +47,10 @@ def register(sub) -> None:
         "written; without this flag any bad one refuses the run, all listed); the skipped ones go to log.txt and "
         "run.json",
     )
-    g.add_argument("--stage", choices=("teacher", "full"), default="teacher", help=STAGE_HELP)
-    g.add_argument("--steps", type=int, required=True, help="train until this many steps in total")
+    g.add_argument("--stage", choices=("teacher", "full", "distill"), default="teacher", help=STAGE_HELP)
+    g.add_argument(
+        "--steps", type=int, help="train until this many steps (distill: iterations) in total; required, distill 3000"
+    )
     g.add_argument(
         "--batch",
         type=int,
@@ -73,10 +75,18 @@ def register(sub) -> None:
     )
     g.add_argument("--vae", help="VAE weights that encode the LQ images into latents (pid_jax.vae)")
     g.add_argument("--vae-kind", help="VAE kind (flux, sd3, sdxl, flux2, qwenimage); default from the preset")
+    g.add_argument("--teacher", help="distill: the undistilled teacher (.pth/.safetensors; its EMA when it has one)")
+    g.add_argument(
+        "--negative-caption",
+        help="distill: embedding [L, D] (.npy) of the negative prompt, the teacher's CFG null (default: Gemma's "
+        "encoding of upstream's negative prompt with --gemma, else the null caption)",
+    )
     g = s.add_argument_group("optimisation (defaults: upstream's for the stage)")
-    g.add_argument("--lr", type=float, help="AdamW learning rate (teacher 5e-5, full 1e-5)")
-    g.add_argument("--weight-decay", type=float, help="decoupled weight decay on every trained tensor (1e-3 / 0)")
-    g.add_argument("--warmup", type=int, help="linear warm-up steps, then constant (2000)")
+    g.add_argument("--lr", type=float, help="AdamW learning rate (teacher 5e-5, full 1e-5; distill: student 1e-5)")
+    g.add_argument(
+        "--weight-decay", type=float, help="decoupled weight decay on every trained tensor (1e-3 / 0; distill 0)"
+    )
+    g.add_argument("--warmup", type=int, help="linear warm-up steps, then constant (2000; distill: 100 student steps)")
     g.add_argument("--aux-weight", type=float, help="aux RGB loss weight (teacher with the head: 0.8, else 0)")
     g.add_argument("--clip-norm", type=float, help="global gradient-norm clip (0.1)")
     g.add_argument(
@@ -87,6 +97,38 @@ def register(sub) -> None:
     )
     g.add_argument("--lr-cycle-steps", type=int, help="the step where the linear fall reaches --lr-f-min")
     g.add_argument("--ema-sigma-rel", type=float, help="power-EMA width relative to the run's length (0.1)")
+    g = s.add_argument_group("distillation (--stage distill; defaults: upstream's stage C)")
+    g.add_argument("--eps", type=float, help="the student's AdamW eps (1e-8)")
+    g.add_argument("--fake-lr", type=float, help="fake score AdamW learning rate, constant (1e-5)")
+    g.add_argument("--fake-weight-decay", type=float, help="fake score weight decay (1e-3)")
+    g.add_argument("--fake-eps", type=float, help="fake score AdamW eps (1e-8)")
+    g.add_argument("--disc-lr", type=float, help="discriminator AdamW learning rate, constant (1e-5)")
+    g.add_argument("--disc-weight-decay", type=float, help="discriminator weight decay (0)")
+    g.add_argument("--disc-eps", type=float, help="discriminator AdamW eps (1e-8)")
+    g.add_argument("--student-update-freq", type=int, help="iteration it %% N == 0 updates the student (6)")
+    g.add_argument("--cfg-scale", type=float, help="the teacher's guidance against the negative prompt (3)")
+    g.add_argument("--vsd-weight", type=float, help="VSD loss weight (1)")
+    g.add_argument("--dsm-weight", type=float, help="fake score DSM loss weight (1)")
+    g.add_argument("--gan-weight", type=float, help="generator GAN weight (0.05; 0 turns the GAN off)")
+    g.add_argument("--gan-warmup", type=int, help="GAN weight warm-up in iterations (100)")
+    g.add_argument("--r1-weight", type=float, help="approximate R1 weight (200)")
+    g.add_argument("--r1-alpha", type=float, help="approximate R1 noise scale (0.1)")
+    g.add_argument(
+        "--feature-index", type=int, help="patch block the discriminator reads (default: the middle one, 7 of 14)"
+    )
+    g.add_argument(
+        "--t-list",
+        type=lambda v: tuple(float(x) for x in v.split(",")),
+        help="teacher-forcing times, comma separated; the student input uses all but the last "
+        "(0.999,0.866,0.634,0.342,0.0)",
+    )
+    g.add_argument("--t-min", type=float, help="DMD time clamp, lower end (0.02)")
+    g.add_argument("--t-max", type=float, help="DMD time clamp, upper end (0.99)")
+    g.add_argument(
+        "--exact-dtype",
+        choices=("float64", "float32"),
+        help="dtype of what upstream computes in float64 (v -> x0, VSD); float32 for devices without float64",
+    )
     g = s.add_argument_group("noise and conditioning draws (defaults: upstream's teacher)")
     g.add_argument("--shift", type=float, help="fixed timestep shift (default: dynamic, 6 * sqrt(sqrt(HW) / 2048))")
     g.add_argument("--t-mean", type=float, help="mean of the logit-normal timestep draw (0)")
@@ -145,10 +187,38 @@ def _distributed(args: argparse.Namespace) -> None:
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
 
+FLOW_ONLY = ("aux_weight", "shift", "lr_f_min", "lr_cycle_steps")
+DISTILL_ONLY = (
+    "eps", "fake_lr", "fake_weight_decay", "fake_eps", "disc_lr", "disc_weight_decay", "disc_eps",
+    "student_update_freq", "cfg_scale", "vsd_weight", "dsm_weight", "gan_weight", "gan_warmup", "r1_weight",
+    "r1_alpha", "feature_index", "t_list", "t_min", "t_max", "exact_dtype",
+)  # fmt: skip
+# The shared flags' names in DistillConfig.
+DISTILL_NAMES = {"lr": "student_lr", "weight_decay": "student_weight_decay", "eps": "student_eps"}
+
+
+def _distill_overrides(args: argparse.Namespace, shared: dict) -> dict:
+    bad = [k for k in FLOW_ONLY if shared.get(k) is not None]
+    if bad:
+        raise InputError(f"--stage distill has no {', '.join('--' + k.replace('_', '-') for k in bad)}")
+    out = {DISTILL_NAMES.get(k, k): v for k, v in shared.items() if k not in FLOW_ONLY}
+    for k in DISTILL_ONLY:
+        out[DISTILL_NAMES.get(k, k)] = getattr(args, k)
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     _distributed(args)
     from pid_jax.train.loop import RunOptions, run
 
+    if args.stage != "distill":
+        given = [k for k in DISTILL_ONLY if getattr(args, k) is not None]
+        given += [k for k in ("teacher", "negative_caption") if getattr(args, k) is not None]
+        if given:
+            raise InputError(f"{', '.join('--' + k.replace('_', '-') for k in given)}: only with --stage distill")
+        if args.steps is None:
+            raise InputError("--steps N is required (train until N steps in total)")
+    steps = args.steps if args.steps is not None else DISTILL_ITERATIONS
     overrides = {
         "lr": args.lr,
         "weight_decay": args.weight_decay,
@@ -173,7 +243,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         data=args.data,
         out=args.out,
         stage=args.stage,
-        steps=args.steps,
+        steps=steps,
         batch=args.batch,
         size=args.size,
         init=args.init,
@@ -192,7 +262,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
         export=not args.no_export,
         attn=args.attn,
-        train_overrides={k: v for k, v in overrides.items() if v is not None},
+        train_overrides=(
+            _distill_overrides(args, overrides)
+            if args.stage == "distill"
+            else {k: v for k, v in overrides.items() if v is not None}
+        ),
+        teacher=args.teacher,
+        negative_caption=args.negative_caption,
     )
     result = run(opts, progress=_progress)
     m = result["metrics"]
@@ -209,12 +285,16 @@ def cmd_train_export(args: argparse.Namespace) -> int:
         raise InputError("train-export needs --out DIR and/or --pth FILE")
     if args.pth and Path(args.pth).exists() and not args.overwrite:
         raise InputError(f"--pth {args.pth} already exists (pass --overwrite to replace it)")
+    from pid_jax.train.distill.state import DistillState, student_model
     from pid_jax.train.export import write_converted_dir, write_pth
     from pid_jax.train.loop import _local, restore_run
     from pid_jax.train.state import merged_model
 
     preset, graphdef, state, step = restore_run(args.run_dir, args.step)
-    model = merged_model(graphdef, _local(state), use_ema=not args.raw)
+    if isinstance(state, DistillState):  # a distillation run exports its student
+        model = student_model(graphdef, _local(state), use_ema=not args.raw)
+    else:
+        model = merged_model(graphdef, _local(state), use_ema=not args.raw)
     what = "raw" if args.raw else "EMA"
     if args.out:
         src = {"run": str(args.run_dir), "step": step, "weights": what}

@@ -54,7 +54,8 @@ RUN_FORMAT = 1
 # What a resumed run must share with the run it continues (the rest -- steps, save/sample/log cadence,
 # workers -- may change between invocations).
 IDENTITY_KEYS = (
-    "preset", "train", "data", "batch", "size", "seed", "init", "latent", "null_caption", "gemma", "alpha", "skipped"
+    "preset", "train", "data", "batch", "size", "seed", "init", "latent", "null_caption", "gemma", "alpha", "skipped",
+    "teacher", "negative_caption",
 )  # fmt: skip
 
 
@@ -84,6 +85,8 @@ class RunOptions:
     export: bool = True
     attn: str = "auto"
     train_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    teacher: str | None = None  # --stage distill: the teacher checkpoint (student and fake score start from it)
+    negative_caption: str | None = None  # --stage distill: the CFG null embedding [L, D] (.npy) without --gemma
 
 
 Progress = Callable[[str], None]
@@ -138,7 +141,53 @@ def train_config(opts: RunOptions) -> TrainConfig:
     return TrainConfig.for_stage(opts.stage, **opts.train_overrides)
 
 
-def _identity(opts: RunOptions, preset: Preset, tcfg: TrainConfig, latent: str) -> dict[str, Any]:
+# --- stages: what differs between flow-matching training and distillation ---------------------------------
+
+
+class FlowStage:
+    """Stages "teacher" and "full": one network, `train_step` (flow matching, + aux RGB for the teacher)."""
+
+    def __init__(self, opts: RunOptions, preset: Preset):
+        self.opts, self.preset = opts, preset
+        self.cfg = train_config(opts)
+        self.cfg.resolved_aux_weight(preset.network.lq_aux_rgb_head)  # refuses --aux-weight without the aux head
+        if opts.teacher or opts.negative_caption:
+            raise InputError("--teacher and --negative-caption are for --stage distill")
+
+    def build(self, log: Progress, null: np.ndarray, gemma_encode) -> tuple[Any, Any]:
+        from pid_jax.train.state import init_train_state
+
+        model = _load_network(self.preset, self.opts, log)
+        return init_train_state(model, self.cfg, self.opts.seed)
+
+    def compile(self, graph, state_sharding, mesh):
+        from pid_jax.train.step import train_step
+
+        fn = jax.jit(
+            lambda s, b: train_step(graph, self.cfg, s, b),
+            donate_argnums=0,
+            out_shardings=(state_sharding, NamedSharding(mesh, P())),
+        )
+        return lambda state, batch, it: fn(state, batch)
+
+    def ema_model(self, graph, state):
+        from pid_jax.train.state import merged_model
+
+        return merged_model(graph, state, use_ema=True)
+
+    def skipped(self, state) -> int:
+        return int(_local(state.skipped))
+
+
+def make_stage(opts: RunOptions, preset: Preset):
+    if opts.stage == "distill":
+        from pid_jax.train.distill.stage import DistillStage
+
+        return DistillStage(opts, preset)
+    return FlowStage(opts, preset)
+
+
+def _identity(opts: RunOptions, preset: Preset, tcfg, latent: str) -> dict[str, Any]:
     return {
         "format": RUN_FORMAT,
         "preset": preset.to_dict(),
@@ -153,6 +202,9 @@ def _identity(opts: RunOptions, preset: Preset, tcfg: TrainConfig, latent: str) 
         "gemma": opts.gemma,
         # Only when not the default, so runs recorded before these keys existed still resume.
         **({"alpha": opts.alpha} if opts.alpha != "refuse" else {}),
+        "stage": opts.stage,
+        "teacher": str(Path(opts.teacher).resolve()) if opts.teacher else None,
+        "negative_caption": str(Path(opts.negative_caption).resolve()) if opts.negative_caption else None,
     }
 
 
@@ -210,7 +262,7 @@ def _global_batch(local: dict[str, np.ndarray], mesh, global_batch: int) -> dict
     return out
 
 
-def _latent_encoder(mode: str, preset: Preset, opts: RunOptions, tcfg: TrainConfig):
+def _latent_encoder(mode: str, preset: Preset, opts: RunOptions, tcfg):
     """image batch -> clean LQ latent, or None when the data brings it (precomputed)."""
     from pid_jax.train.resize import lq_image
 
@@ -319,7 +371,8 @@ class _Metrics:
             f.write(json.dumps({"step": step, **m}) + "\n")
         if self.tb is not None:
             for k, v in m.items():
-                self.tb.add_scalar(f"train/{k}", v, step)
+                if not isinstance(v, str):  # a distillation line names its phase
+                    self.tb.add_scalar(f"train/{k}", v, step)
 
     def close(self) -> None:
         if self.tb is not None:
@@ -380,17 +433,16 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
 
     # 1. Everything that can be refused is checked before building or compiling anything.
     preset = load_config(opts.config)
-    tcfg = train_config(opts)
     if opts.batch is None:  # the default batch fills the data axis (a fixed 1 fails on a multi-device host)
         opts = dataclasses.replace(opts, batch=(opts.mesh or (jax.device_count(), 1))[0])
+    stage = make_stage(opts, preset)  # refuses a setting the stage does not take (--aux-weight without the head)
+    tcfg = stage.cfg
     if opts.steps < 1 or opts.batch < 1:
         raise InputError(f"--steps {opts.steps} and --batch {opts.batch} must be >= 1")
     if opts.save_every < 1:
         raise InputError(f"--save-every {opts.save_every} (expected >= 1)")
     if opts.init and not Path(opts.init).exists():  # a .pth/.safetensors file or a converted directory
         raise CheckpointError(f"--init {opts.init}: no such checkpoint file")
-    has_aux = preset.network.lq_aux_rgb_head
-    tcfg.resolved_aux_weight(has_aux)  # refuses --aux-weight for a network without the aux head
     n_dev = jax.device_count()
     mesh_shape = opts.mesh or (n_dev, 1)
     if opts.batch % mesh_shape[0]:
@@ -436,7 +488,7 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
         # 2. The network (a strict init load refuses a mismatched checkpoint here, before anything is written).
         messages: list[str] = [f"--skip-bad: {len(skipped)} bad image(s) left out:"] if skipped else []
         messages += [f"  skipped {why}" for _, why in skipped]
-        model = _load_network(preset, opts, messages.append)
+        graphdef, state = stage.build(messages.append, null, gemma_encode)
         encoder = _latent_encoder(latent_mode, preset, opts, tcfg)
         if n_proc > 1:  # every process has checked the run directory before process 0 writes into it
             from jax.experimental import multihost_utils
@@ -452,10 +504,6 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
             log(msg)
         records = data_lib.encode_texts(records, gemma_encode, out / "captions")
 
-        from pid_jax.train.state import init_train_state
-
-        graphdef, state = init_train_state(model, tcfg, opts.seed)
-        del model
         state = _replicated(state, mesh)
         ckpt = TrainCheckpointer(out, opts.save_every)
         data_pos = None
@@ -475,15 +523,7 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
         batches = data_lib.BatchIterator(dataset, opts.workers).start(data_pos["data"] if data_pos else None)
 
         # 5. The compiled step.
-        from pid_jax.train.step import train_step
-
-        state_sharding = jax.tree.map(lambda a: a.sharding, state)
-        rep = NamedSharding(mesh, P())
-        step_fn = jax.jit(
-            lambda s, b: train_step(graphdef, tcfg, s, b),
-            donate_argnums=0,
-            out_shardings=(state_sharding, rep),
-        )
+        step_fn = stage.compile(graphdef, jax.tree.map(lambda a: a.sharding, state), mesh)
         metrics_out = _Metrics(out, start, primary)
         bar = _Progress(opts.steps, start, opts.log_every)
         sample_batch, sampler = None, None
@@ -510,8 +550,11 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
                         sample_batch = {k: np.asarray(v)[:1] for k, v in local.items()} | (
                             {"z": np.asarray(_local(b["z"]))[:1]} if "z" in b else {}
                         )
-                    state, m = step_fn(state, b)
-                    m = {k: np.asarray(v).item() for k, v in jax.device_get(_local(m)).items()}
+                    state, m = step_fn(state, b, step)
+                    m = {
+                        k: (np.asarray(v).item() if not isinstance(v, str) else v)
+                        for k, v in jax.device_get(_local(m)).items()
+                    }
                     done = step + 1
                     m["steps_per_s"] = round(bar.update(done, m), 4)
                     metrics_out.write(done, m)
@@ -525,11 +568,13 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
                         interrupted = True
                         break
                     if opts.sample_every and primary and (done % opts.sample_every == 0 or done == opts.steps):
-                        sampler = sampler or _Sampler(graphdef, preset, sample_batch, opts.stage, negative)
+                        sampler = sampler or _Sampler(
+                            lambda st: stage.ema_model(graphdef, st), preset, sample_batch, opts.stage, negative
+                        )
                         sampler.write(state, out / "samples" / f"step_{done:07d}.png", step=done)
             ckpt.wait()
             if opts.export and primary and start < opts.steps and not interrupted:
-                _export_final(graphdef, state, preset, out / "final", log)
+                _export_final(stage.ema_model(graphdef, _local(state)), preset, out / "final", log)
         except BaseException:
             if primary and not opts.resume:
                 with contextlib.suppress(Exception):
@@ -544,7 +589,7 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
         end = done if interrupted else max(start, opts.steps)
         if not interrupted:
             log(f"done: step {end}; checkpoints in {out / 'checkpoints'}")
-        summary = {"step": end, "metrics": last, "out": str(out), "skipped": int(_local(state.skipped))}
+        summary = {"step": end, "metrics": last, "out": str(out), "skipped": stage.skipped(state)}
         return {**summary, "interrupted": interrupted}
 
 
@@ -554,11 +599,11 @@ class _Sampler:
     the undistilled sampler (DPM-Solver++ with guidance against `negative`), with the preset's settings, or
     upstream's teacher settings for a preset that has none."""
 
-    def __init__(self, graphdef, preset: Preset, batch: dict[str, np.ndarray], stage: str = "full", negative=None):
+    def __init__(self, model_of, preset: Preset, batch: dict[str, np.ndarray], stage: str = "full", negative=None):
         from pid_jax import teacher_sampler as ts
         from pid_jax.decoder import decode, decode_teacher
 
-        self.graphdef, self.preset, self.batch = graphdef, preset, batch
+        self.model_of, self.preset, self.batch = model_of, preset, batch
         _, _, h, w = batch["x0"].shape
         student = preset.sampler  # the preset's own defaults, as every decode entry point uses them
         steps = student.steps if student.kind == "student" else min(4, len(student.t_list) - 1)
@@ -586,11 +631,10 @@ class _Sampler:
         from pid_jax.demo import LABEL_H, side_by_side
         from pid_jax.io import write_pngs
         from pid_jax.sampler import to_uint8
-        from pid_jax.train.state import merged_model
 
         dev = jax.local_devices()[0]
         with jax.set_mesh(jax.sharding.Mesh(np.array([dev]).reshape(1, 1), (DATA, SEQ))):
-            graph, params = nnx.split(merged_model(self.graphdef, _local(state), use_ema=True))
+            graph, params = nnx.split(self.model_of(_local(state)))
             if self._jit is None:
                 self._jit = jax.jit(lambda p, z, y: self._run(graph, p, z, y))
             img = self._jit(params, jnp.asarray(self.batch["z"]), jnp.asarray(self.batch["y"]))
@@ -625,11 +669,9 @@ def _sample_negative(preset: Preset, null: np.ndarray, encode, log) -> np.ndarra
     return np.asarray(null, np.float32)[None]
 
 
-def _export_final(graphdef, state, preset: Preset, dest: Path, log: _Log) -> None:
+def _export_final(model, preset: Preset, dest: Path, log: _Log) -> None:
     from pid_jax.train.export import write_converted_dir, write_pth
-    from pid_jax.train.state import merged_model
 
-    model = merged_model(graphdef, _local(state), use_ema=True)
     write_converted_dir(dest / "converted", model, preset, source={"trained_by": "pid-jax train"}, overwrite=True)
     write_pth(dest / "model_ema_bf16.pth", model)
     log(f"exported the EMA weights to {dest / 'converted'} and {dest / 'model_ema_bf16.pth'}")
@@ -650,14 +692,19 @@ def restore_run(run_dir: str | os.PathLike, step: int | None = None):
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{d}: not a pid-jax run directory ({type(e).__name__}: {e})") from None
     preset = Preset.from_dict(ident["preset"], source=str(d / "run.json"))
-    tcfg = TrainConfig(**ident["train"])
-    abstract = abstract_train_net(preset.network)
-    graphdef, params, frozen = split_model(abstract, tcfg)
+    if ident.get("stage") == "distill":
+        from pid_jax.train.distill.stage import abstract_distill_state
 
-    def make(p, f):
-        return init_train_state(nnx.merge(graphdef, p, f), tcfg, 0)[1]
+        graphdef, abstract_state = abstract_distill_state(preset, ident["train"])
+    else:
+        tcfg = TrainConfig(**ident["train"])
+        abstract = abstract_train_net(preset.network)
+        graphdef, params, frozen = split_model(abstract, tcfg)
 
-    abstract_state = jax.eval_shape(make, params, frozen)
+        def make(p, f):
+            return init_train_state(nnx.merge(graphdef, p, f), tcfg, 0)[1]
+
+        abstract_state = jax.eval_shape(make, params, frozen)
     ckpt = TrainCheckpointer(d, 1)
     try:
         step = ckpt.latest_step() if step is None else step

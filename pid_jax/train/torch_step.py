@@ -120,9 +120,7 @@ def _worker(a: dict[str, Any]) -> dict[str, Any]:
     y = torch.randn(b, min(int(kw["txt_max_length"]), 300), int(kw["txt_embed_dim"]), device=dev, generator=g)
     z = torch.randn(b, int(kw["lq_latent_channels"]), h // scale, w // scale, device=dev, generator=g)
     shift = 6.0 * ((h * w) ** 0.5 / 2048.0) ** 0.5  # upstream's dynamic shift
-    ycc = torch.tensor(
-        [[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], device=dev
-    )
+    ycc = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], device=dev)
     chan_w = torch.tensor([0.25, 1.0, 1.0], device=dev).view(1, 3, 1, 1)
     use_autocast = dev == "cuda" and a["dtype"] == "bfloat16"
     step_idx = [0]
@@ -139,9 +137,10 @@ def _worker(a: dict[str, Any]) -> dict[str, Any]:
         zn = zn * keep.view(-1, 1, 1, 1)
         ctx = torch.autocast(dev, dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
         with ctx:
-            out = net(x_t, 1000 * t, y, lq_video_or_image=None, lq_latent=zn, degrade_sigma=sigma,
-                      return_lq_aux=bool(aux_w))
-        v, lq_aux = (out if aux_w else (out, None))
+            out = net(
+                x_t, 1000 * t, y, lq_video_or_image=None, lq_latent=zn, degrade_sigma=sigma, return_lq_aux=bool(aux_w)
+            )
+        v, lq_aux = out if aux_w else (out, None)
         loss = ((v.float() - (noise - x0)) ** 2).mean()
         if aux_w:
             pred = lq_aux["pred_lq_rgb"].float()
