@@ -7,6 +7,7 @@ only with --debug), and writes nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -282,6 +283,18 @@ def cmd_encode_caption(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from pid_jax.bench import run_bench
 
+    if args.memory:
+        if not args.train:
+            raise InputError("--memory goes with --train (the training step's memory table)")
+        from pid_jax.train.memory_table import default_cases, run_table
+
+        sizes = tuple(int(x) for x in args.memory_sizes.split(","))
+        stages = ("teacher", "full") if args.stage_given is None else (args.stage_given,)
+        cases = default_cases(stages, sizes)
+        rows = run_table(args.preset, args.dtype, cases, None if args.exact_depth else (2, 4), args.attn, print)
+        if args.json:
+            print(json.dumps([{"case": dataclasses.asdict(c), "result": r} for c, r in rows]))
+        return 0
     if args.train:  # one training step (forward + backward + update) instead of a decode
         from pid_jax.train.bench import run_train_bench as run_bench
 
@@ -396,7 +409,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--torch-python", default=None)
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.add_argument("--train", action="store_true", help="time one training step (forward, backward, update)")
-    s.add_argument("--stage", choices=("teacher", "full"), default="teacher", help="with --train: what trains")
+    s.add_argument(
+        "--stage", choices=("teacher", "full"), default=None, dest="stage_given", help="with --train: what trains"
+    )
+    s.add_argument(
+        "--memory",
+        action="store_true",
+        help="with --train: the per-device memory table (compile only, abstract shapes; teacher and full stages "
+        "unless --stage, remat off/full, one device and sharded meshes)",
+    )
+    s.add_argument("--memory-sizes", default="1024,2048", help="with --memory: square image sizes")
+    s.add_argument(
+        "--exact-depth", action="store_true", help="with --memory: compile the whole network (no depth extrapolation)"
+    )
     s.add_argument(
         "--remat",
         nargs="?",

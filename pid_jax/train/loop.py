@@ -75,6 +75,7 @@ class RunOptions:
     resume: bool = False
     export: bool = True
     attn: str = "auto"
+    shard_state: str = "auto"
     train_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -175,20 +176,12 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 # --- building blocks ------------------------------------------------------------------------------
 
 
-def _replicated(tree: Any, mesh) -> Any:
-    """Place host or single-device arrays replicated over the (possibly multi-process) mesh."""
-    sharding = NamedSharding(mesh, P())
-
-    def put(a):
-        a = np.asarray(jax.device_get(a)) if not isinstance(a, jax.Array) or a.is_fully_addressable else a
-        return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
-
-    return jax.tree.map(put, tree)
-
-
 def _local(tree: Any) -> Any:
-    """A fully replicated global pytree as arrays on this process's first device (for sampling, export)."""
-    return jax.tree.map(lambda a: a.addressable_data(0) if isinstance(a, jax.Array) else a, tree)
+    """A global pytree as whole arrays on this process's first device (for sampling, export). A collective
+    when the tree is sharded over several processes: every process calls it."""
+    from pid_jax.train.shard import gather_local
+
+    return gather_local(tree)
 
 
 def _global_batch(local: dict[str, np.ndarray], mesh, global_batch: int) -> dict[str, jax.Array]:
@@ -390,11 +383,13 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
         log(msg)
     records = data_lib.encode_texts(records, gemma_encode, out / "captions")
 
+    from pid_jax.train import shard as shard_lib
     from pid_jax.train.state import init_train_state
 
     graphdef, state = init_train_state(model, tcfg, opts.seed)
     del model
-    state = _replicated(state, mesh)
+    sharded = shard_lib.resolve(opts.shard_state, state, mesh)
+    state = shard_lib.place(state, shard_lib.state_shardings(state, mesh, sharded))
     ckpt = TrainCheckpointer(out, opts.save_every)
     data_pos = None
     start = 0
@@ -431,7 +426,8 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
     last: dict[str, Any] = {}
     log(
         f"training {preset.name} ({opts.stage}) {h}x{w}, batch {opts.batch} on mesh {mesh_shape[0]}x{mesh_shape[1]} "
-        f"({n_proc} process(es)), steps {start} -> {opts.steps}, {latent_mode} latents, dtype {tcfg.dtype}"
+        f"({n_proc} process(es)), steps {start} -> {opts.steps}, {latent_mode} latents, dtype {tcfg.dtype}, "
+        f"remat {tcfg.remat}, train state {'sharded over the mesh' if sharded else 'replicated'}"
     )
     try:
         with jax.set_mesh(mesh):
@@ -454,12 +450,17 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
                 if ckpt.should_save(done) or done == opts.steps:
                     ckpt.save(done, state, {"data": batches.state()}, force=True)
                     _kill_hook(done)
-                if opts.sample_every and primary and (done % opts.sample_every == 0 or done == opts.steps):
-                    sampler = sampler or _Sampler(graphdef, preset, sample_batch, opts.stage, negative)
-                    sampler.write(state, out / "samples" / f"step_{done:07d}.png")
+                if opts.sample_every and (done % opts.sample_every == 0 or done == opts.steps):
+                    whole = _local(state) if sharded else state  # a collective: every process gathers
+                    if primary:
+                        sampler = sampler or _Sampler(graphdef, preset, sample_batch, opts.stage, negative)
+                        sampler.write(whole, out / "samples" / f"step_{done:07d}.png")
+                    del whole
         ckpt.wait()
-        if opts.export and primary and start < opts.steps:
-            _export_final(graphdef, state, preset, out / "final", log)
+        if opts.export and start < opts.steps:
+            whole = _local(state) if sharded else state
+            if primary:
+                _export_final(graphdef, whole, preset, out / "final", log)
     finally:
         batches.close()
         metrics_out.close()
