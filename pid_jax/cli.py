@@ -7,6 +7,7 @@ only with --debug), and writes nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -390,6 +391,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 "or --checkpoint DIR (a converted directory names its preset)"
             )
         args.preset = preset
+    if args.memory:
+        if not args.train:
+            raise InputError("--memory goes with --train (the training step's memory table)")
+        from pid_jax.train.memory_table import default_cases, run_table
+
+        sizes = tuple(int(x) for x in args.memory_sizes.split(","))
+        stages = ("teacher", "full") if args.stage_given is None else (args.stage_given,)
+        cases = default_cases(stages, sizes)
+        rows = run_table(args.preset, args.dtype, cases, None if args.exact_depth else (2, 4), args.attn, print)
+        if args.json:
+            print(json.dumps([{"case": dataclasses.asdict(c), "result": r} for c, r in rows]))
+        return 0
+    args.stage = args.stage_given or "teacher"
     if args.train:  # one training step (forward + backward + update) instead of a decode
         from pid_jax.train.bench import run_train_bench as run_bench
 
@@ -531,8 +545,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--stage",
         choices=("teacher", "full", "distill"),
-        default="teacher",
-        help="with --train: what trains (distill: one student and one fake-score DMD2 iteration)",
+        default=None,
+        dest="stage_given",
+        help="with --train: what trains (default teacher; distill: one student and one fake-score DMD2 iteration; "
+        "with --memory: teacher and full unless given)",
+    )
+    s.add_argument(
+        "--memory",
+        action="store_true",
+        help="with --train: the per-device memory table (compile only, abstract shapes; teacher and full stages "
+        "unless --stage, remat off/full, one device and sharded meshes)",
+    )
+    s.add_argument("--memory-sizes", default="1024,2048", help="with --memory: square image sizes")
+    s.add_argument(
+        "--exact-depth", action="store_true", help="with --memory: compile the whole network (no depth extrapolation)"
     )
     s.add_argument(
         "--remat",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -24,6 +25,32 @@ def _init(rngs: nnx.Rngs | None, shape: tuple[int, ...], dtype, scale: float = 0
     if rngs is None:
         return jnp.zeros(shape, dtype)
     return scale * jax.random.normal(rngs.params(), shape, dtype)
+
+
+@jax.custom_vjp
+def half_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] @ w[out, in]^T for half-precision x and w of one dtype, accumulated and returned in float32.
+
+    Its own VJP keeps the backward in the weights' dtype, as torch's autocast does: JAX's transpose of a
+    dot with a float32 result upcasts both operands, so every bf16 weight (a frozen 1.3B backbone) would
+    be copied to float32, and the matmuls run in float32, in every backward pass. The incoming cotangent
+    is that of a result Linear rounds to the weights' dtype, so casting it there is exact."""
+    return jnp.einsum("...i,oi->...o", x, w, precision=HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _half_matmul_fwd(x, w):
+    return half_matmul(x, w), (x, w)
+
+
+def _half_matmul_bwd(res, g):
+    x, w = res
+    g = g.astype(w.dtype)
+    dx = jnp.einsum("...o,oi->...i", g, w, precision=HIGHEST, preferred_element_type=jnp.float32)
+    dw = jnp.einsum("...o,...i->oi", g, x, precision=HIGHEST, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+half_matmul.defvjp(_half_matmul_fwd, _half_matmul_bwd)
 
 
 class Linear(nnx.Module):
@@ -37,7 +64,12 @@ class Linear(nnx.Module):
         # Operands in the weight dtype (autocast: a float32 stream enters a bf16 matmul as bf16).
         # Accumulate in float32 and add the bias before the one rounding to the output dtype, as torch's
         # addmm (and cuBLAS's bias epilogue) do.
-        y = jnp.einsum("...i,oi->...o", x.astype(w.dtype), w, precision=HIGHEST, preferred_element_type=jnp.float32)
+        x = x.astype(w.dtype)
+        if w.dtype == jnp.float32:
+            y = jnp.einsum("...i,oi->...o", x, w, precision=HIGHEST, preferred_element_type=jnp.float32)
+        else:
+            y = half_matmul(x, w)
+        y = checkpoint_name(y, "linear")  # what the "dots" remat policy keeps (pid_jax.remat)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(w.dtype)

@@ -28,9 +28,12 @@ import jax.numpy as jnp
 
 from pid_jax.errors import ConfigError
 
+_cp = jax.checkpoint_policies
 POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _cp.nothing_saveable,
+    # Linear outputs: plain dots in float32, and the half-precision matmul (a custom VJP the dot policy cannot
+    # see into) by its checkpoint name.
+    "dots": _cp.save_from_both_policies(_cp.dots_with_no_batch_dims_saveable, _cp.save_only_these_names("linear")),
 }
 NAMES = ("off", *POLICIES)
 GROUPS = ("patch", "pixel")

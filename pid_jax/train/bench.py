@@ -43,7 +43,7 @@ def run_train_bench(args: argparse.Namespace, progress: Callable[[str], None] = 
         raise InputError(f"--size {h}x{w}: must be positive multiples of {step} for preset {preset.name}")
     if args.batch < 1 or args.repeats < 1:
         raise InputError("--batch and --repeats must be >= 1")
-    stage = getattr(args, "stage", None) or "teacher"
+    stage = getattr(args, "stage_given", None) or getattr(args, "stage", None) or "teacher"
     tcfg = TrainConfig.for_stage(stage, dtype=args.dtype, remat=getattr(args, "remat", None) or "off")
     t0 = time.perf_counter()
     model = init_like_upstream(cfg, seed=0, attn_impl=args.attn)

@@ -149,7 +149,14 @@ def register(sub) -> None:
     )
     g = s.add_argument_group("devices and processes")
     g.add_argument("--mesh", type=_pair("DxS (data x sequence)", "4x1"), help="device mesh (default: all x 1)")
-    g.add_argument("--attn", default="auto", help="attention implementation: auto, xla, blocked, cudnn")
+    g.add_argument("--attn", default="auto", help="attention implementation: auto, xla, flash, heads, cudnn")
+    g.add_argument(
+        "--shard-state",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="split the train state (parameters, AdamW moments, EMA) over the mesh's devices instead of replicating "
+        "it (auto: when the replicated state and its gradients would take over half of one device's memory)",
+    )
     g.add_argument("--coordinator", help="HOST:PORT of process 0 for multi-process runs (jax.distributed)")
     g.add_argument("--num-processes", type=int, help="number of processes (with --coordinator)")
     g.add_argument("--process-id", type=int, help="this process's index (with --coordinator)")
@@ -269,6 +276,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ),
         teacher=args.teacher,
         negative_caption=args.negative_caption,
+        shard_state=args.shard_state,
     )
     result = run(opts, progress=_progress)
     m = result["metrics"]

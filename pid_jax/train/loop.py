@@ -84,6 +84,7 @@ class RunOptions:
     skip_bad: bool = False
     export: bool = True
     attn: str = "auto"
+    shard_state: str = "auto"
     train_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     teacher: str | None = None  # --stage distill: the teacher checkpoint (student and fake score start from it)
     negative_caption: str | None = None  # --stage distill: the CFG null embedding [L, D] (.npy) without --gemma
@@ -237,20 +238,12 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 # --- building blocks ------------------------------------------------------------------------------
 
 
-def _replicated(tree: Any, mesh) -> Any:
-    """Place host or single-device arrays replicated over the (possibly multi-process) mesh."""
-    sharding = NamedSharding(mesh, P())
-
-    def put(a):
-        a = np.asarray(jax.device_get(a)) if not isinstance(a, jax.Array) or a.is_fully_addressable else a
-        return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
-
-    return jax.tree.map(put, tree)
-
-
 def _local(tree: Any) -> Any:
-    """A fully replicated global pytree as arrays on this process's first device (for sampling, export)."""
-    return jax.tree.map(lambda a: a.addressable_data(0) if isinstance(a, jax.Array) else a, tree)
+    """A global pytree as whole arrays on this process's first device (for sampling, export). A collective
+    when the tree is sharded over several processes: every process calls it."""
+    from pid_jax.train.shard import gather_local
+
+    return gather_local(tree)
 
 
 def _global_batch(local: dict[str, np.ndarray], mesh, global_batch: int) -> dict[str, jax.Array]:
@@ -504,7 +497,10 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
             log(msg)
         records = data_lib.encode_texts(records, gemma_encode, out / "captions")
 
-        state = _replicated(state, mesh)
+        from pid_jax.train import shard as shard_lib
+
+        sharded = shard_lib.resolve(opts.shard_state, state, mesh)
+        state = shard_lib.place(state, shard_lib.state_shardings(state, mesh, sharded))
         ckpt = TrainCheckpointer(out, opts.save_every)
         data_pos = None
         start = 0
@@ -534,7 +530,8 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
         log(
             f"training {preset.name} ({opts.stage}) {h}x{w}, batch {opts.batch} on mesh "
             f"{mesh_shape[0]}x{mesh_shape[1]} ({n_proc} process(es)), steps {start} -> {opts.steps}, "
-            f"{latent_mode} latents, dtype {tcfg.dtype}"
+            f"{latent_mode} latents, dtype {tcfg.dtype}, remat {tcfg.remat}, "
+            f"train state {'sharded over the mesh' if sharded else 'replicated'}"
         )
         interrupt = _Interrupt(log)
         interrupted = False
@@ -567,14 +564,19 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
                         log(f"interrupted: saved step {done} in {out / 'checkpoints' / str(done)}; --resume continues")
                         interrupted = True
                         break
-                    if opts.sample_every and primary and (done % opts.sample_every == 0 or done == opts.steps):
-                        sampler = sampler or _Sampler(
-                            lambda st: stage.ema_model(graphdef, st), preset, sample_batch, opts.stage, negative
-                        )
-                        sampler.write(state, out / "samples" / f"step_{done:07d}.png", step=done)
+                    if opts.sample_every and (done % opts.sample_every == 0 or done == opts.steps):
+                        whole = _local(state) if sharded else state  # a collective: every process gathers
+                        if primary:
+                            sampler = sampler or _Sampler(
+                                lambda st: stage.ema_model(graphdef, st), preset, sample_batch, opts.stage, negative
+                            )
+                            sampler.write(whole, out / "samples" / f"step_{done:07d}.png", step=done)
+                        del whole
             ckpt.wait()
-            if opts.export and primary and start < opts.steps and not interrupted:
-                _export_final(stage.ema_model(graphdef, _local(state)), preset, out / "final", log)
+            if opts.export and start < opts.steps and not interrupted:
+                whole = _local(state) if sharded else state  # a collective: every process gathers
+                if primary:
+                    _export_final(stage.ema_model(graphdef, _local(whole)), preset, out / "final", log)
         except BaseException:
             if primary and not opts.resume:
                 with contextlib.suppress(Exception):

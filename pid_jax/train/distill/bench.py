@@ -44,7 +44,7 @@ def run_distill_bench(args: argparse.Namespace, progress: Callable[[str], None] 
         raise InputError(f"--size {h}x{w}: must be positive multiples of {step} for preset {preset.name}")
     if args.batch < 1 or args.repeats < 1:
         raise InputError("--batch and --repeats must be >= 1")
-    dcfg = DistillConfig(dtype=args.dtype, remat=bool(getattr(args, "remat", False)))
+    dcfg = DistillConfig(dtype=args.dtype, remat=getattr(args, "remat", None) or "off")
     t0 = time.perf_counter()
     teacher = init_like_upstream(cfg, seed=0, attn_impl=args.attn)
     graphs, state = init_distill_state(teacher, init_discriminator(cfg.hidden_size, seed=0), dcfg, 0)

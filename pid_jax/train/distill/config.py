@@ -14,6 +14,7 @@ from typing import Any
 
 from pid_jax.config import STUDENT_T_LIST, PidNetConfig
 from pid_jax.errors import ConfigError
+from pid_jax.remat import normalise as normalise_remat
 from pid_jax.train.config import TrainConfig
 
 MODELS = ("net", "fake_score", "discriminator")
@@ -67,7 +68,7 @@ class DistillConfig:
     lq_drop_prob: float = 0.0
     caption_drop_prob: float = 0.1
     dtype: str = "float32"
-    remat: bool = False
+    remat: str = "off"  # a `pid_jax.remat` plan for the student and fake score ("off", "full", "dots", ...)
     # Where upstream computes in float64 (v -> x0 conversions, the VSD weight, gradient and loss): "float64" does
     # the same in a scoped jax.enable_x64 (elementwise over images: cheap on CPU and GPU); "float32" for devices
     # without float64 (TPU).
@@ -76,6 +77,8 @@ class DistillConfig:
     def __post_init__(self) -> None:
         def bad(msg: str) -> ConfigError:
             return ConfigError(f"distill config: {msg}")
+
+        object.__setattr__(self, "remat", normalise_remat(self.remat))
 
         for name in ("student_lr", "fake_lr", "disc_lr", "student_eps", "fake_eps", "disc_eps", "clip_norm"):
             if not getattr(self, name) > 0:

@@ -54,7 +54,7 @@ def _copy(tree):
     return jax.tree.map(lambda a: jnp.array(a, copy=True), tree)  # own buffers: states may be donated
 
 
-def split_net(model: PidNet, remat: bool) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+def split_net(model: PidNet, remat: str) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """(graph, trained, frozen): everything trains except the last block's text-output branch (stage "full")."""
     model.remat = remat
     return nnx.split(model, trainable_filter(model.cfg, "full"), ...)
@@ -104,5 +104,5 @@ def student_model(graphs: Graphs, state: DistillState, use_ema: bool, dtype=jnp.
     """The student with its trained (or EMA) weights, every parameter in `dtype`: for sampling and export."""
     trained = state.ema if use_ema else state.student
     model = nnx.merge(graphs.net, cast(trained, dtype), cast(state.student_frozen, dtype))
-    model.remat = False
+    model.remat = "off"
     return model

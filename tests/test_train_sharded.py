@@ -1,0 +1,90 @@
+"""The train state sharded over 4 (forced CPU) devices, with a data x seq mesh, ends with the same parameters as
+one device (relative L2 <= 1e-5), and a run resumes from an Orbax checkpoint written with another mesh shape."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
+from train_helpers import cli_env, make_images, run_cli, tiny_preset
+
+from pid_jax.sharding import DATA, SEQ
+from pid_jax.train.shard import leaf_spec, resolve
+
+BOUND = 1e-5
+
+
+def test_leaf_spec_splits_one_divisible_axis() -> None:
+    mesh = AbstractMesh((2, 2), (DATA, SEQ))
+    assert leaf_spec((96, 64), mesh) == P((DATA, SEQ), None)  # the largest axis the 4 devices divide
+    assert leaf_spec((6, 64), mesh) == P(None, (DATA, SEQ))
+    assert leaf_spec((6, 3), mesh) == P(DATA, None)  # only the data axis divides
+    assert leaf_spec((3,), mesh) == P() and leaf_spec((), mesh) == P()
+    one = AbstractMesh((1, 1), (DATA, SEQ))
+    assert leaf_spec((96, 64), one) == P()
+
+
+def _final(run_dir, step=None):
+    from pid_jax.train.loop import restore_run
+
+    _, _, state, got = restore_run(run_dir, step)
+    return got, jax.device_get(state)
+
+
+def _flat(tree) -> np.ndarray:
+    return np.concatenate([np.asarray(a, np.float64).ravel() for a in jax.tree.leaves(tree)])
+
+
+def _rel(a, b) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _compare(reference, got, step: int) -> None:
+    (step_a, a), (step_b, b) = reference, got
+    assert step_a == step_b == step
+    for field in ("params", "ema", "opt_state"):
+        x, y = getattr(b, field), getattr(a, field)
+        assert jax.tree.structure(x) == jax.tree.structure(y)
+        assert _rel(_flat(x), _flat(y)) <= BOUND, (field, _rel(_flat(x), _flat(y)))
+    assert np.array_equal(_flat(b.frozen), _flat(a.frozen))
+    for x, y in ((b.step, a.step), (b.skipped, a.skipped), (b.key, a.key)):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    d = tmp_path_factory.mktemp("sharded")
+    preset = tiny_preset(d)
+    data = make_images(d / "data", 6, 40, 48, captions=True)
+    common = ["train", "--config", str(preset), "--data", str(data), "--stage", "full", "--batch", "4",
+              "--size", "32x32", "--save-every", "2", "--no-export", "--seed", "1", "--lr", "1e-3",
+              "--warmup", "0"]  # fmt: skip
+    one = d / "one"
+    run_cli([*common, "--steps", "4", "--out", str(one)], cli_env(d / "cache1"))
+    return d, common, one
+
+
+@pytest.mark.parametrize("mesh", ["4x1", "2x2"])
+def test_sharded_state_matches_one_device(setup, mesh: str) -> None:
+    d, common, one = setup
+    out = d / f"sharded_{mesh}"
+    env = cli_env(d / f"cache_{mesh}", devices=4)
+    run_cli([*common, "--steps", "2", "--out", str(out), "--mesh", mesh, "--shard-state", "on"], env)
+    assert "train state sharded over the mesh" in (out / "log.txt").read_text()
+    _compare(_final(one, 2), _final(out), 2)
+    # resume on another mesh shape (and replicated): Orbax restores into the new shardings
+    other = {"4x1": ("1x4", "on"), "2x2": ("4x1", "off")}[mesh]
+    resume = ["--steps", "4", "--out", str(out), "--resume", "--mesh", other[0], "--shard-state", other[1]]
+    run_cli([*common, *resume], env)
+    assert "resumed from step 2" in (out / "log.txt").read_text()
+    _compare(_final(one, 4), _final(out), 4)
+
+
+def test_auto_shards_only_what_would_not_fit() -> None:
+    mesh = AbstractMesh((4, 1), (DATA, SEQ))
+    state = {"w": jax.ShapeDtypeStruct((1024, 1024), np.float32)}  # 4 MiB (params: counted as the state here)
+    assert resolve("auto", state, mesh, device_bytes=1 << 30) is False
+    assert resolve("auto", state, mesh, device_bytes=4 << 20) is True
+    assert resolve("on", state, AbstractMesh((1, 1), (DATA, SEQ))) is True and resolve("off", state, mesh) is False
