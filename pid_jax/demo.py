@@ -75,9 +75,9 @@ def run_demo(
     t_schedule(steps, dec.preset.sampler.t_list)  # refuse a bad setting before compiling
     check_mode(mode)
     t1 = time.perf_counter()
-    rows, samples = ev.evaluate(dec, ev.held_out_paths(), [(steps, mode)], seed=seed)
+    rows, samples = ev.evaluate(dec, ev.held_out_paths(), [(steps, mode)], seed=seed, back_projection=True)
     eval_s = time.perf_counter() - t1
-    pid_row = rows[-1]
+    pid_row = next(r for r in rows if r.steps and not r.variant)
     bicubic = ev.best(rows, pid=False)
     panels, paths = [], []
     for s in samples:
@@ -100,6 +100,8 @@ def run_demo(
     print(ev.format_table(rows, (sp.steps, sp.mode)))
     print()
     print(ev.format_per_image(rows, "psnr"))
+    seams = ev.seams(dec, [(steps, mode)], seed=seed)
+    print(ev.format_seams(seams, ev.tile_period(dec)))
     gain = pid_row.psnr - bicubic.psnr
     print(
         f"\nPiD vs the better bicubic ({bicubic.label}): {gain:+.2f} dB PSNR, "
@@ -115,7 +117,7 @@ def run_demo(
         print(f"  {k:<44} {v * 1000:>9.1f} ms")
     for p in paths:
         print(f"wrote {p}")
-    return {"rows": rows, "paths": paths, "timings": timing, "gain_db": gain}
+    return {"rows": rows, "paths": paths, "timings": timing, "gain_db": gain, "seams": seams}
 
 
 # --- the random-weights pipeline check ---------------------------------------------------------------

@@ -142,7 +142,8 @@ def score(out: np.ndarray, original: np.ndarray, period: int = TILE_PERIOD) -> d
         "psnr": psnr(out, original),
         "ssim": ssim(out, original),
         "lpips": lpips.lpips(out, original),
-        "niqe": niqe.niqe(out),
+        # NIQE pools whole 96x96 blocks: not defined for a smaller image (NaN, left out of the mean).
+        "niqe": niqe.niqe(out) if min(out.shape[:2]) >= niqe.BLOCK else float("nan"),
         "colour": colour.mean_error(out, original),
         "colour_blur": colour.blur_error(out, original),
         "blocks": blocks.periodic_amplitude(out, original, period),
@@ -309,7 +310,8 @@ def format_seams(res: dict[str, dict[str, float]], period: int = TILE_PERIOD) ->
 
 def _mean(row: Row) -> Row:
     for k in METRICS:
-        setattr(row, k, float(np.mean([v[k] for v in row.per_image.values()])))
+        vals = [v[k] for v in row.per_image.values()]
+        setattr(row, k, float(np.nanmean(vals)) if not np.isnan(vals).all() else float("nan"))
     return row
 
 

@@ -39,7 +39,7 @@ class Source:
     member: str  # path inside the wheel
     sha256: str  # of the member's bytes
     licence: str
-    split: str  # train | validation | held_out
+    split: str  # train | validation | held_out | stage1
     crop: tuple[int, int] | None = None  # centre crop (height, width) before saving
 
 
@@ -101,9 +101,31 @@ PHOTOS: dict[str, Source] = {
     "nemo": Source(*GLYMUR, "glymur/data/nemo.jp2",
                    "c89d4d91313053407f801b40880d5ce61c6d198489b4982ae9c1c2d881e98fbd",
                    "John Evans, with glymur 0.14.8 (MIT)", "train", crop=(768, 1024)),
+    # Stage 1 only (the previous demo recipe's data, which the current one fine-tunes from; see train_demo.py).
+    "hubble_deep_field": Source(*SKIMAGE, "skimage/data/hubble_deep_field.jpg",
+                                "3a19c5dd8a927a9334bb1229a6d63711b1c0c767fb27e2286e7c84a3e2c2f5f4",
+                                "NASA, public domain", "stage1", crop=(512, 512)),
+    "retina": Source(*SKIMAGE, "skimage/data/retina.jpg",
+                     "38a07f36f27f095e818aea7b96d34202c05176d30253c66733f2e00379e9e0e6",
+                     "Mikael Haggstrom, CC0", "stage1", crop=(512, 512)),
+    "immunohistochemistry": Source(*SKIMAGE, "skimage/data/ihc.png",
+                                   "f8dd1aa387ddd1f49d8ad13b50921b237df8e9b262606d258770687b0ef93cef",
+                                   "no known copyright restrictions", "stage1"),
+    "camera": Source(*SKIMAGE, "skimage/data/camera.png",
+                     "b0793d2adda0fa6ae899c03989482bff9a42d3d5690fc7e3648f2795d730c23a",
+                     "Lav Varshney, CC0 (greyscale, replicated to RGB)", "stage1"),
+    "brick": Source(*SKIMAGE, "skimage/data/brick.png",
+                    "7966caf324f6ba843118d98f7a07746d22f6a343430add0233eca5f6eaaa8fcf",
+                    "CC0Textures, CC0 (greyscale, replicated to RGB)", "stage1"),
+    "grass": Source(*SKIMAGE, "skimage/data/grass.png",
+                    "b6b6022426b38936c43a4ac09635cd78af074e90f42ffa8227ac8b7452d39f89",
+                    "DeviantArt linolafett, CC0 (greyscale, replicated to RGB)", "stage1"),
+    "gravel": Source(*SKIMAGE, "skimage/data/gravel.png",
+                     "c48615b451bf1e606fbd72c0aa9f8cc0f068ab7111ef7d93bb9b0f2586440c12",
+                     "CC0Textures, CC0 (greyscale, replicated to RGB)", "stage1"),
 }  # fmt: skip
 
-SPLITS = ("train", "validation", "held_out")
+SPLITS = ("train", "validation", "held_out", "stage1")
 
 
 def names(split: str) -> list[str]:

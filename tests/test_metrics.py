@@ -160,6 +160,7 @@ def test_eval_scores_and_seams() -> None:
     assert s["psnr"] == float("inf") or s["psnr"] > 90
     assert s["lpips"] == 0.0 and s["colour"] == 0.0 and s["blocks"] == 0.0
     assert set(s) == set(ev.METRICS)
+    assert np.isnan(ev.score(img[:64, :128], img[:64, :128])["niqe"])  # smaller than one NIQE block
 
 
 # --- the allow-listing pickle reader ---------------------------------------------------------------------
