@@ -374,10 +374,11 @@ class _Metrics:
 
 class _Interrupt:
     """Ctrl-C during training: the first SIGINT finishes the step, saves it and ends the run cleanly (exit 130,
-    `--resume` continues); a second one aborts at once (KeyboardInterrupt)."""
+    `--resume` continues); a second one aborts at once (KeyboardInterrupt). Single-process runs only; with
+    several processes SIGINT keeps its default (abort; --resume from the last periodic save)."""
 
-    def __init__(self, log: Progress):
-        self.log, self.requested, self._prev = log, False, None
+    def __init__(self, log: Progress, enabled: bool = True):
+        self.log, self.enabled, self.requested, self._prev = log, enabled, False, None
 
     def _handler(self, signum, frame) -> None:
         if self.requested:
@@ -386,7 +387,7 @@ class _Interrupt:
         self.log("interrupt: saving after this step (Ctrl-C again to abort without saving)")
 
     def __enter__(self) -> _Interrupt:
-        if threading.current_thread() is threading.main_thread():
+        if self.enabled and threading.current_thread() is threading.main_thread():
             self._prev = signal.signal(signal.SIGINT, self._handler)
         return self
 
@@ -533,7 +534,8 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
             f"{latent_mode} latents, dtype {tcfg.dtype}, remat {tcfg.remat}, "
             f"train state {'sharded over the mesh' if sharded else 'replicated'}"
         )
-        interrupt = _Interrupt(log)
+        # A save is collective: with several processes a Ctrl-C that reaches one of them cannot save alone.
+        interrupt = _Interrupt(log, enabled=n_proc == 1)
         interrupted = False
         try:
             with jax.set_mesh(mesh), interrupt:
