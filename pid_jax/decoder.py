@@ -38,12 +38,12 @@ def decode(
     *,
     height: int,
     width: int,
-    steps: int = 4,
-    mode: str = "sde",
-    t_list: Sequence[float] = STUDENT_T_LIST,
+    steps: int | None = None,
+    mode: str | None = None,
+    t_list: Sequence[float] | None = None,
     tile: int | str | None = "preset",
     tile_overlap: int | None = None,
-    tile_margin: int = 0,
+    tile_margin: int | None = None,
 ) -> jax.Array:
     """Decode latents [B, C, h, w] to images [B, 3, height, width] in [-1, 1]. Pure: jit/vmap-safe.
 
@@ -53,8 +53,12 @@ def decode(
     set by every loader: `sampler.tile` and `tile_overlap`), so this gives what `PiDDecoder` gives; `tile=None`
     decodes the whole image at once. `PiDDecoder` runs the same tiles in fixed-size chunks instead, so one program
     serves every image size; the result is the same (per-tile keys make it independent of the batching).
+
+    `steps`, `mode`, `t_list` and `tile_margin` left as None take the model's preset's values
+    (`PidNet.preset_sampler`, set by every loader with `trained_tile`), else 4 steps, SDE, upstream's t_list, 0.
     """
     sharding.check_context_mesh()  # a caller's mesh of another kind: one line, before any layer is traced
+    steps, mode, t_list, tile_margin = sampler_defaults(model, steps, mode, t_list, tile_margin)
     tile, tile_overlap = _tiling(model, tile, tile_overlap)
     lay = tiled_decode.layout(
         latents.shape[2:], height, width, tile, tile_overlap, model.cfg.patch_size, tile_margin
@@ -70,6 +74,16 @@ def decode(
         return lay.blend(tiles, height, width)
     noise, draw = sampler.random_draws(key, (latents.shape[0], model.cfg.in_channels, height, width))
     return _sample(model, latents, caption_embeddings, sigma, noise, draw, height, width, steps, mode, t_list)
+
+
+def sampler_defaults(
+    model: PidNet, steps: int | None, mode: str | None, t_list: Sequence[float] | None, tile_margin: int | None
+) -> tuple[int, str, tuple[float, ...], int]:
+    """The distilled sampler's settings: each one given, else the model's preset's, else upstream's defaults."""
+    sp = getattr(model, "preset_sampler", None)
+    base = (4, "sde", STUDENT_T_LIST, 0) if sp is None else (sp.steps, sp.mode, sp.t_list, sp.tile_margin)
+    given = (steps, mode, None if t_list is None else tuple(t_list), tile_margin)
+    return tuple(b if g is None else g for g, b in zip(given, base, strict=True))  # type: ignore[return-value]
 
 
 def _tiling(model: PidNet, tile: int | str | None, overlap: int | None) -> tuple[int | None, int]:

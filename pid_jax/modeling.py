@@ -46,6 +46,8 @@ class PidNet(nnx.Module):
         # (tile, overlap) in output pixels of a network trained at one size (its preset's sampler.tile): the
         # loaders set it, and `decoder.decode` then tiles larger images by default, as PiDDecoder does.
         self.trained_tile: tuple[int, int] | None = None
+        # The preset's distilled-sampler defaults (a `SamplerSpec`), set with trained_tile: `decode`'s defaults.
+        self.preset_sampler = None
         c, hid, ps = cfg.in_channels, cfg.hidden_size, cfg.patch_size
         self.pixel_embedder = PixelTokenEmbedder(c, cfg.pixel_hidden_size, rngs=rngs)
         self.s_embedder = PatchTokenEmbedder(c * ps * ps, hid, rngs=rngs)

@@ -76,10 +76,12 @@ def build_model(preset: Preset, mapped: dict[str, np.ndarray], dtype="float32", 
 
 
 def with_preset_tiling(model: PidNet, preset: Preset) -> PidNet:
-    """Record the preset's trained tile on the model (`PidNet.trained_tile`), so the functional `decode` tiles
-    as `PiDDecoder` does."""
+    """Record the preset's trained tile and sampler on the model (`PidNet.trained_tile`, `PidNet.preset_sampler`),
+    so the functional `decode` samples and tiles as `PiDDecoder` does."""
     sp = preset.sampler
     model.trained_tile = None if sp.tile is None else (int(sp.tile), int(sp.tile_overlap))
+    # The rest of the preset's student-sampler defaults (steps, mode, t_list, tile margin) for `decode`.
+    model.preset_sampler = sp if sp.kind == "student" else None
     return model
 
 

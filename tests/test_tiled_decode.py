@@ -148,14 +148,18 @@ def test_functional_decode_tiles_as_the_preset_says(tiny, tmp_path) -> None:
     y = np.zeros((1, preset.network.txt_max_length, preset.network.txt_embed_dim), np.float32)
     z = np.random.default_rng(4).uniform(-1, 1, (1, 3, 16, 24)).astype(np.float32)
     H, W = 64, 96
-    # The README snippet, verbatim but for the sampler settings (given to both: their defaults are item 8's).
-    kw = dict(height=H, width=W, steps=2, mode="sde")
+    # The README snippet, verbatim: the sampler settings too come from the preset (pixel_sr4x: 2 steps SDE,
+    # not decode's fallback of 4), as PiDDecoder takes them.
+    assert (loaded.preset_sampler.steps, loaded.preset_sampler.mode) == (preset.sampler.steps, preset.sampler.mode)
+    assert preset.sampler.steps != 4
+    kw = dict(height=H, width=W)
     graphdef, params = nnx.split(loaded)
     run = jax.jit(lambda p, z, y, s, key: decode(nnx.merge(graphdef, p), z, y, s, key, **kw))
     got = np.asarray(run(params, z, y, jnp.zeros(1), jax.random.key(0)))
-    want = PiDDecoder.from_checkpoint(d, dtype="float32").decode_array(z, y, steps=2, mode="sde", seed=0)
-    want = np.asarray(want)
+    want = np.asarray(PiDDecoder.from_checkpoint(d, dtype="float32").decode_array(z, y, seed=0))
     np.testing.assert_allclose(got, want, atol=1e-5)
+    four = decode(loaded, z, y, jnp.zeros(1), jax.random.key(0), **kw, steps=4)
+    assert np.abs(np.asarray(four) - want).max() > 1e-3  # the steps given override the preset's
     # tile=None decodes the whole image at once: another image.
     whole = jax.jit(lambda p, z, y, s, key: decode(nnx.merge(graphdef, p), z, y, s, key, **kw, tile=None))
     assert np.abs(np.asarray(whole(params, z, y, jnp.zeros(1), jax.random.key(0))) - want).max() > 1e-2
