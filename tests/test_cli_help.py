@@ -57,7 +57,7 @@ def test_train_help_as_the_user_read_it(capsys) -> None:
     out = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in out and "(default: (256, 256))" not in out
     assert "training crop size HxW (default: 256x256)" in out
-    assert "AdamW learning rate (teacher 5e-5, full 1e-5)" in out  # the stage's default, said once
+    assert "AdamW learning rate (teacher 5e-5, full 1e-5; distill: student 1e-5)" in out  # said once
 
 
 def test_format_default() -> None:
