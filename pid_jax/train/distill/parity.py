@@ -154,13 +154,17 @@ def _flat(state: nnx.State) -> dict[str, np.ndarray]:
 def _draws(data: dict[str, np.ndarray], it: int, dcfg: DistillConfig) -> Draws:
     x0, z = data["x0"], data["z"]
     b = x0.shape[0]
-    if f"draw.lat_apply_u.{it}" in data:  # upstream returns before drawing when no sample is noised
+    apply = np.zeros(b, np.float32)
+    if f"draw.lat_apply_u.{it}" in data:
         apply = (data[f"draw.lat_apply_u.{it}"] < dcfg.apply_prob).astype(np.float32)
+    if f"draw.lat_sigma_u.{it}" in data:
         u = data[f"draw.lat_sigma_u.{it}"].astype(np.float32)
         sigma = np.float32(dcfg.sigma_min) + np.float32(dcfg.sigma_max - dcfg.sigma_min) * u
         z_eps = data[f"draw.lat_eps.{it}"]
-    else:
-        apply, sigma, z_eps = np.zeros(b, np.float32), np.zeros(b, np.float32), np.zeros_like(z)
+    elif apply.any():
+        raise InputError(f"distill fixture: iteration {it} noises its LQ latent but records no sigma draw")
+    else:  # upstream returns before drawing sigma and eps when no sample is noised
+        sigma, z_eps = np.zeros(b, np.float32), np.zeros_like(z)
     r1 = data.get(f"draw.r1_noise.{it}", np.zeros_like(x0))
     return Draws(
         apply=jnp.asarray(apply),
