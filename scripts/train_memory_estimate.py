@@ -2,7 +2,7 @@
 
     python3 scripts/train_memory_estimate.py                      # the issue-21 table (pid-jax bench --train --memory)
     python3 scripts/train_memory_estimate.py --stage teacher --size 2048 --batch 2 --remat off full \
-        --mesh 1x1 [--exact-depth]
+        --mesh 1x1 [--extrapolate]
     python3 scripts/train_memory_estimate.py --stage full --size 2048 --batch 1 --mesh 1x4 --shard
 
 See `pid_jax.train.memory_table` for what is counted, the depth extrapolation and the forced CPU devices.
@@ -30,7 +30,8 @@ def main() -> None:
     ap.add_argument("--remat", nargs="+", default=["off", "full"], help="remat plans (pid_jax.remat)")
     ap.add_argument("--mesh", type=_mesh, nargs="+", help="data x seq meshes, e.g. 1x1 2x2 1x4")
     ap.add_argument("--shard", action="store_true", help="shard the train state over the mesh")
-    ap.add_argument("--exact-depth", action="store_true", help="compile the whole network (no extrapolation)")
+    ap.add_argument("--exact-depth", action="store_true", help="compile the whole network (the default)")
+    ap.add_argument("--extrapolate", action="store_true", help="quick upper bound: patch depths 2 and 4, extrapolated")
     a = ap.parse_args()
     if not (a.stage or a.size or a.batch or a.mesh):
         cases = default_cases()
@@ -43,7 +44,7 @@ def main() -> None:
             for batch in a.batch or [1]
             for mesh in a.mesh or [(1, 1)]
         ]
-    run_table(a.preset, a.dtype, cases, None if a.exact_depth else (2, 4))
+    run_table(a.preset, a.dtype, cases, (2, 4) if a.extrapolate and not a.exact_depth else None)
 
 
 if __name__ == "__main__":

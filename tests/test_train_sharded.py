@@ -88,3 +88,19 @@ def test_auto_shards_only_what_would_not_fit() -> None:
     assert resolve("auto", state, mesh, device_bytes=1 << 30) is False
     assert resolve("auto", state, mesh, device_bytes=4 << 20) is True
     assert resolve("on", state, AbstractMesh((1, 1), (DATA, SEQ))) is True and resolve("off", state, mesh) is False
+
+
+def test_memory_table_counts_the_shards(tmp_path) -> None:
+    """The table's per-device figures (compile only, forced CPU devices in a subprocess): sharding the state over
+    four devices divides what each holds."""
+    from pid_jax.train.memory_table import Case, run_table
+
+    preset = tiny_preset(tmp_path)
+    cases = [Case("full", "full", 32, 2, (2, 2), False), Case("full", "full", 32, 2, (2, 2), True)]
+    lines: list[str] = []
+    rows = dict(run_table(str(preset), "float32", cases, progress=lines.append))
+    rep, sharded = rows[cases[0]], rows[cases[1]]
+    assert "error" not in rep and "error" not in sharded, (rep, sharded)
+    assert sharded["state"] == pytest.approx(rep["state"] / 4)
+    assert sharded["args"] < 0.5 * rep["args"], (rep, sharded)
+    assert lines[1].startswith("| stage |") and len(lines) == 4

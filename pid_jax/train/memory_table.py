@@ -16,7 +16,10 @@ Meshes with more devices than the process has are compiled in a subprocess with 
 Depth extrapolation (`depths`): every patch block is the same and the adapter gates repeat every `lq_interval`
 blocks, so a step's memory is affine in the patch depth; compiling two shallower copies of the network
 (e.g. 2 and 4 patch blocks, the full pixel stack) and extrapolating to the real depth costs a fraction of the
-full compile. `depths=None` compiles the real network.
+full compile. Measured, it is an upper bound, not an estimate: at 512x512 (teacher, bf16, remat off) the
+temporaries grow 0.349 then 0.312 GiB per two blocks from depth 2 to 6, and the real 14-block network has
+2.50 GiB where (2, 4) extrapolates 3.71 (XLA reuses more buffers in the deeper program). `depths=None` (the
+default) compiles the real network.
 """
 
 from __future__ import annotations
@@ -175,7 +178,7 @@ def run_table(
     preset: str,
     dtype: str = "bfloat16",
     cases: list[Case] | None = None,
-    depths: tuple[int, int] | None = (2, 4),
+    depths: tuple[int, int] | None = None,
     attn: str = "auto",
     progress=print,
 ) -> list[tuple[Case, dict]]:
