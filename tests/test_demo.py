@@ -77,6 +77,18 @@ def test_shipped_weights_reproduce_recorded_psnr(demo_run, record) -> None:
     assert abs(result["gain_db"] - record["gain_db"]) <= 0.05
 
 
+def test_readme_states_the_recorded_figures(record) -> None:
+    """The README's demo table is the record's: the claim is the measured one."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## The demo model", 1)[1].split("\n## ", 1)[0]
+    rows = {r["label"]: r for r in record["rows"]}
+    for label in (*ev.BASELINES[::2], ev.Row("PiD", record["default"]["steps"], record["default"]["mode"]).label):
+        r = rows[label]
+        cells = f"{r['psnr']:.2f} | {r['ssim']:.4f} | {r['lpips']:.3f} | {r['niqe']:.2f}"
+        assert cells in section, (label, cells)
+    assert f"{record['gain_db']:+.2f} dB" in section
+
+
 def test_protocol_pieces() -> None:
     img = np.arange(100 * 130 * 3, dtype=np.uint8).reshape(100, 130, 3)
     c = ev.crop_multiple(img)
