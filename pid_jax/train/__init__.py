@@ -6,6 +6,8 @@
   with explicit draws (`noising.Draws`) for replays.
 - `init.init_like_upstream`, `init.load_init`: upstream's initialisation, strict init checkpoints.
 - `noising`, `resize`, `losses`, `optim`, `ema`, `stages`: the pieces; `parity`: replay of upstream runs.
+- `distill/`: upstream's DMD2 distillation (stage C) in the same shape: config, discriminator, losses, state, step,
+  the loop stage, its parity replay and benchmark.
 """
 
 from pid_jax.train.config import TrainConfig
