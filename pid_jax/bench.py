@@ -68,7 +68,7 @@ def device_peak_tflops(device: Any) -> float | None:
 
 
 def peak_memory_bytes() -> tuple[int, str]:
-    dev = jax.devices()[0]
+    dev = jax.local_devices()[0]
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
         return int(stats["peak_bytes_in_use"]), "device peak bytes in use"

@@ -51,7 +51,7 @@ def estimate_decode_bytes(
 
 
 def available_bytes() -> tuple[int, str]:
-    dev = jax.devices()[0]
+    dev = jax.local_devices()[0]  # another process's device has no memory stats here
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"]), f"{dev.device_kind} memory"

@@ -143,3 +143,24 @@ def test_full_disk_during_a_save(setup, capsys, monkeypatch) -> None:
     assert not first.exists()
     full_at["step"] = None
     assert cli.main(args) == 0, capsys.readouterr().err
+
+
+def test_second_ctrl_c_waits_for_the_save_call() -> None:
+    """A second Ctrl-C inside a save must not raise there: Orbax's writer threads would then wait forever for the
+    directory signal the interrupted call never sent (the process hangs at exit). It aborts once the call returns."""
+    from pid_jax.train.loop import _Interrupt
+
+    said: list[str] = []
+    before = signal.getsignal(signal.SIGINT)
+    with _Interrupt(said.append) as interrupt:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert interrupt.requested and said
+        reached_end = False
+        with pytest.raises(KeyboardInterrupt):
+            with interrupt.shield():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.01)  # the handler runs here; it must not raise inside the shield
+                reached_end = True
+        assert reached_end
+    assert signal.getsignal(signal.SIGINT) is before

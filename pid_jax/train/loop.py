@@ -31,7 +31,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -379,9 +379,13 @@ class _Interrupt:
 
     def __init__(self, log: Progress, enabled: bool = True):
         self.log, self.enabled, self.requested, self._prev = log, enabled, False, None
+        self._shielded = self._abort = False
 
     def _handler(self, signum, frame) -> None:
         if self.requested:
+            if self._shielded:  # raised inside Orbax's save, it would leave its writer waiting for a signal forever
+                self._abort = True
+                return
             raise KeyboardInterrupt
         self.requested = True
         self.log("interrupt: saving after this step (Ctrl-C again to abort without saving)")
@@ -395,6 +399,17 @@ class _Interrupt:
         if self._prev is not None:
             signal.signal(signal.SIGINT, self._prev)
             self._prev = None
+
+    @contextlib.contextmanager
+    def shield(self) -> Iterator[None]:
+        """A save in progress: a second Ctrl-C aborts once it has returned, not in the middle of it."""
+        self._shielded = True
+        try:
+            yield
+        finally:
+            self._shielded = False
+        if self._abort:
+            raise KeyboardInterrupt
 
 
 # What a run writes into its directory (removed again when a new run fails before its first save).
@@ -559,10 +574,12 @@ def run(opts: RunOptions, progress: Progress = print) -> dict[str, Any]:
                     metrics_out.write(done, m)
                     last = m
                     if ckpt.should_save(done) or done == opts.steps or interrupt.requested:
-                        ckpt.save(done, state, {"data": batches.state()}, force=True)
+                        with interrupt.shield():
+                            ckpt.save(done, state, {"data": batches.state()}, force=True)
                         _kill_hook(done)
                     if interrupt.requested:
-                        ckpt.wait()
+                        with interrupt.shield():
+                            ckpt.wait()
                         log(f"interrupted: saved step {done} in {out / 'checkpoints' / str(done)}; --resume continues")
                         interrupted = True
                         break

@@ -68,7 +68,12 @@ def resolve(mode: str, state: Any, mesh: Mesh, device_bytes: int | None = None) 
         device_bytes = available_bytes()[0]
     params = getattr(state, "params", None)
     need = state_bytes(state) + (state_bytes(params) if params is not None else 0)
-    return need > device_bytes // 2
+    decision = need > device_bytes // 2
+    if jax.process_count() > 1:  # hosts with different free memory must still agree on one layout
+        from jax.experimental import multihost_utils
+
+        decision = bool(multihost_utils.broadcast_one_to_all(np.asarray(decision)))
+    return decision
 
 
 def place(tree: Any, shardings: Any) -> Any:
