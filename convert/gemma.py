@@ -214,9 +214,7 @@ def check_checkpoint(
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected key(s) [{_show(unexpected)}]")
     if duplicated:
-        parts.append(
-            f"{len(duplicated)} key(s) given twice (with and without 'model.') [{_show(duplicated)}]"
-        )
+        parts.append(f"{len(duplicated)} key(s) given twice (with and without 'model.') [{_show(duplicated)}]")
     if bad_dtype:
         parts.append(f"{len(bad_dtype)} tensor(s) of unsupported dtype [{_show(bad_dtype)}]")
     if parts:

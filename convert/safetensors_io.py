@@ -65,9 +65,7 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _parse_header(
-    path: str, file_size: int, head: bytes
-) -> tuple[int, dict[str, tuple[np.dtype, tuple, int, int]]]:
+def _parse_header(path: str, file_size: int, head: bytes) -> tuple[int, dict[str, tuple[np.dtype, tuple, int, int]]]:
     """Return (data_start, {name: (dtype, shape, begin, end)}) after checking everything."""
     if file_size < 8:
         raise _fail(path, f"truncated safetensors file ({file_size} bytes, no header length)")
@@ -112,9 +110,7 @@ def _parse_header(
                 f"but data_offsets span {end - begin} bytes",
             )
         if end > data_len:
-            raise _fail(
-                path, f"tensor {name!r}: data ends at byte {end} but the data region has {data_len} bytes"
-            )
+            raise _fail(path, f"tensor {name!r}: data ends at byte {end} but the data region has {data_len} bytes")
         entries[name] = (dtype, tuple(shape), begin, end)
 
     # The format requires the tensors to tile the data region exactly (no gaps, no overlap).

@@ -196,9 +196,7 @@ def _int_tuple(x: Any, what: str) -> tuple[int, ...]:
 
 def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *rest: Any) -> _TensorRef:
     if not isinstance(storage, _StorageRef):
-        raise pickle.UnpicklingError(
-            f"tensor storage must be a persistent storage, got {type(storage).__name__}"
-        )
+        raise pickle.UnpicklingError(f"tensor storage must be a persistent storage, got {type(storage).__name__}")
     if not _is_int(storage_offset) or storage_offset < 0:
         raise pickle.UnpicklingError(f"bad tensor storage_offset {storage_offset!r}")
     size_t = _int_tuple(size, "size")
@@ -382,13 +380,8 @@ class _Archive:
             # torch stores members uncompressed; accept deflate too, but nothing that can expand
             # without bound (a declared size far beyond deflate's ~1032:1 limit is a zip bomb).
             if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-                raise _fail(
-                    path, f"member {info.filename!r} uses unsupported compression {info.compress_type}"
-                )
-            if (
-                info.compress_type == zipfile.ZIP_DEFLATED
-                and info.file_size > 1100 * info.compress_size + 1024
-            ):
+                raise _fail(path, f"member {info.filename!r} uses unsupported compression {info.compress_type}")
+            if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > 1100 * info.compress_size + 1024:
                 raise _fail(
                     path,
                     f"member {info.filename!r} claims {info.file_size} bytes from {info.compress_size} "
@@ -430,9 +423,7 @@ class _Archive:
         except _READ_ERRORS as e:
             raise _fail(self.path, f"cannot read member {info.filename!r}: {_crc_hint(e)}") from None
         if len(data) != info.file_size:
-            raise _fail(
-                self.path, f"member {info.filename!r} has {len(data)} bytes, expected {info.file_size}"
-            )
+            raise _fail(self.path, f"member {info.filename!r} has {len(data)} bytes, expected {info.file_size}")
         return data
 
     def buffer(self, info: zipfile.ZipInfo) -> Any:
@@ -456,8 +447,7 @@ class _Archive:
                 if crc != info.CRC:
                     raise _fail(
                         self.path,
-                        f"CRC-32 mismatch in member {info.filename!r} "
-                        f"(stored {info.CRC:08x}, computed {crc:08x})",
+                        f"CRC-32 mismatch in member {info.filename!r} (stored {info.CRC:08x}, computed {crc:08x})",
                     )
         else:
             buf = self.read_small(info.filename[len(self.prefix) :], limit=sys.maxsize)
@@ -624,9 +614,7 @@ def _materialize(path: str, archive: _Archive, ref: _TensorRef) -> np.ndarray:
         contiguous_strides.append(acc)
         acc *= s
     contiguous_strides.reverse()
-    dims_that_matter = [
-        (st_, c) for s, st_, c in zip(ref.size, ref.stride, contiguous_strides, strict=True) if s > 1
-    ]
+    dims_that_matter = [(st_, c) for s, st_, c in zip(ref.size, ref.stride, contiguous_strides, strict=True) if s > 1]
     if all(a == b for a, b in dims_that_matter):
         arr = storage[ref.offset : ref.offset + n_elems].reshape(ref.size)
     else:

@@ -237,7 +237,6 @@ class PidNetConfig:
         return self.txt_embed_dim == GEMMA_CAPTION_DIM
 
 
-
 @dataclass(frozen=True)
 class LatentSpec:
     channels: int

@@ -60,9 +60,7 @@ def decode(
     sharding.check_context_mesh()  # a caller's mesh of another kind: one line, before any layer is traced
     steps, mode, t_list, tile_margin = sampler_defaults(model, steps, mode, t_list, tile_margin)
     tile, tile_overlap = _tiling(model, tile, tile_overlap)
-    lay = tiled_decode.layout(
-        latents.shape[2:], height, width, tile, tile_overlap, model.cfg.patch_size, tile_margin
-    )
+    lay = tiled_decode.layout(latents.shape[2:], height, width, tile, tile_overlap, model.cfg.patch_size, tile_margin)
     if lay is not None:
         z = lay.split(latents)
         n = len(lay.origins)

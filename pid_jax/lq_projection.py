@@ -102,9 +102,7 @@ def build_aux_head(cfg: PidNetConfig, rngs: nnx.Rngs | None) -> nnx.List:
             f"PidNet config: lq_aux_rgb_head_latent_block_idx={cfg.lq_aux_rgb_head_latent_block_idx} exceeds "
             f"lq_num_res_blocks={cfg.lq_num_res_blocks}"
         )
-    return nnx.List(
-        [LayerNorm(h, rngs=rngs), Linear(h, h, rngs=rngs), SiLU(), Linear(h, 3 * pf * pf, rngs=rngs)]
-    )
+    return nnx.List([LayerNorm(h, rngs=rngs), Linear(h, h, rngs=rngs), SiLU(), Linear(h, 3 * pf * pf, rngs=rngs)])
 
 
 class LQProjection2D(nnx.Module):

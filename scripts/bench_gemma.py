@@ -29,9 +29,7 @@ MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "manife
 def rss_gib() -> tuple[float, float]:
     """(current, peak since the last reset_peak()) resident set size in GiB (Linux /proc)."""
     with open("/proc/self/status") as fh:
-        fields = {
-            line.split(":")[0]: int(line.split()[1]) for line in fh if line.startswith(("VmRSS", "VmHWM"))
-        }
+        fields = {line.split(":")[0]: int(line.split()[1]) for line in fh if line.startswith(("VmRSS", "VmHWM"))}
     return fields["VmRSS"] / 2**20, fields["VmHWM"] / 2**20
 
 

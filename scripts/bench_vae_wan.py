@@ -54,21 +54,39 @@ def bench_jax(size: tuple[int, int], dtype: str, repeats: int, batch: int) -> li
     out = []
     for part, fn, arg in (("encode", vae.encode, x), ("decode", vae.decode, z)):
         first, med = _time(fn, arg, repeats)
-        out.append({"impl": "pid-jax", "part": part, "size": f"{h}x{w}", "batch": batch, "dtype": dtype,
-                    "first_call_s": round(first, 3), "median_s": round(med, 4), "peak_bytes": _peak_bytes(),
-                    "backend": jax.default_backend()})
+        out.append(
+            {
+                "impl": "pid-jax",
+                "part": part,
+                "size": f"{h}x{w}",
+                "batch": batch,
+                "dtype": dtype,
+                "first_call_s": round(first, 3),
+                "median_s": round(med, 4),
+                "peak_bytes": _peak_bytes(),
+                "backend": jax.default_backend(),
+            }
+        )
     return out
 
 
 def _load_upstream(ref: Path):
     """Upstream's qwenimage_vae module with its framework imports stubbed (only torch/einops are real)."""
-    stub_names = ["pid", "pid._ext", "pid._ext.imaginaire", "pid._ext.imaginaire.lazy_config",
-                  "pid._ext.imaginaire.utils", "pid._ext.imaginaire.utils.distributed", "pid._src",
-                  "pid._src.tokenizers", "pid._src.tokenizers.interface"]
+    stub_names = [
+        "pid",
+        "pid._ext",
+        "pid._ext.imaginaire",
+        "pid._ext.imaginaire.lazy_config",
+        "pid._ext.imaginaire.utils",
+        "pid._ext.imaginaire.utils.distributed",
+        "pid._src",
+        "pid._src.tokenizers",
+        "pid._src.tokenizers.interface",
+    ]
     for n in stub_names:
         sys.modules.setdefault(n, types.ModuleType(n))
     lazy = sys.modules["pid._ext.imaginaire.lazy_config"]
-    lazy.LazyCall = lambda f: (lambda **kw: None)
+    lazy.LazyCall = lambda f: lambda **kw: None
     lazy.LazyDict = dict
     sys.modules["pid._ext.imaginaire.utils"].log = types.SimpleNamespace(info=print)
     dist = sys.modules["pid._ext.imaginaire.utils.distributed"]
@@ -90,8 +108,10 @@ def bench_torch(ref: Path, size: tuple[int, int], dtype: str, repeats: int, batc
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     torch.manual_seed(0)
     net = mod.WanVAE2d_(**cfg).to(dev).eval().to(tdt)
-    scale = [torch.tensor(mod._LATENTS_MEAN, dtype=tdt, device=dev), 1.0 / torch.tensor(mod._LATENTS_STD, dtype=tdt,
-                                                                                          device=dev)]
+    scale = [
+        torch.tensor(mod._LATENTS_MEAN, dtype=tdt, device=dev),
+        1.0 / torch.tensor(mod._LATENTS_STD, dtype=tdt, device=dev),
+    ]
     h, w = size
     x = torch.rand(batch, 3, h, w, device=dev, dtype=tdt) * 2 - 1
     z = torch.randn(batch, 16, h // 8, w // 8, device=dev, dtype=tdt)
@@ -109,9 +129,19 @@ def bench_torch(ref: Path, size: tuple[int, int], dtype: str, repeats: int, batc
                 if dev == "cuda":
                     torch.cuda.synchronize()
                 runs.append(time.perf_counter() - t0)
-        out.append({"impl": "upstream-torch", "part": part, "size": f"{h}x{w}", "batch": batch, "dtype": dtype,
-                    "first_call_s": round(runs[0], 3), "median_s": round(statistics.median(runs[1:]), 4),
-                    "peak_bytes": torch.cuda.max_memory_allocated() if dev == "cuda" else None, "backend": dev})
+        out.append(
+            {
+                "impl": "upstream-torch",
+                "part": part,
+                "size": f"{h}x{w}",
+                "batch": batch,
+                "dtype": dtype,
+                "first_call_s": round(runs[0], 3),
+                "median_s": round(statistics.median(runs[1:]), 4),
+                "peak_bytes": torch.cuda.max_memory_allocated() if dev == "cuda" else None,
+                "backend": dev,
+            }
+        )
     return out
 
 

@@ -30,8 +30,18 @@ spec.loader.exec_module(mdf)
 # The compact pidnet set's widths (scripts/make_compact_fixtures.py): head dim 8, 4 patch blocks (two gate
 # applications at interval 2, the discriminator's tap after block 2, a last block whose text-output branch must stay
 # frozen), one pixel block.
-COMPACT = dict(num_groups=1, hidden_size=8, pixel_hidden_size=4, pixel_attn_hidden_size=16, pixel_num_groups=2,
-               patch_depth=4, pixel_depth=1, txt_embed_dim=16, txt_max_length=8, repa_encoder_index=2)
+COMPACT = dict(
+    num_groups=1,
+    hidden_size=8,
+    pixel_hidden_size=4,
+    pixel_attn_hidden_size=16,
+    pixel_num_groups=2,
+    patch_depth=4,
+    pixel_depth=1,
+    txt_embed_dim=16,
+    txt_max_length=8,
+    repa_encoder_index=2,
+)
 mdf.TINY.update(COMPACT)
 mdf.TINY_VARIANTS["v1pt5_flux"] = dict(mdf.TINY_VARIANTS["v1pt5_flux"], **COMPACT, lq_hidden_dim=8)
 

@@ -29,14 +29,28 @@ spec.loader.exec_module(mf)
 # original one, one head in the patch attention, two in the pixel attention; 4 channels a pixel (upstream's
 # pixel position table needs a multiple of 4); one pixel block (the weights file is mostly its modulation,
 # hidden x 6 x 4 x 256); four patch blocks (two gate applications at interval 2).
-COMPACT = dict(num_groups=1, hidden_size=8, pixel_hidden_size=4, pixel_attn_hidden_size=16, pixel_num_groups=2,
-               patch_depth=4, pixel_depth=1, txt_embed_dim=16, txt_max_length=8, repa_encoder_index=2)
+COMPACT = dict(
+    num_groups=1,
+    hidden_size=8,
+    pixel_hidden_size=4,
+    pixel_attn_hidden_size=16,
+    pixel_num_groups=2,
+    patch_depth=4,
+    pixel_depth=1,
+    txt_embed_dim=16,
+    txt_max_length=8,
+    repa_encoder_index=2,
+)
 R = mf.RELEASED
 # name -> (config, (H, W) of the forward fixture, batch, [(steps, (H, W)) of sampler replays])
 CASES = {
     # sr 4, per-token-per-dim gate, zeros padding, nearest x2
-    "v1_flux": (dict(R["flux_2k"], **COMPACT, lq_hidden_dim=8), (64, 32), 2, [(4, (32, 32)), (2, (32, 32)),
-                                                                               (1, (32, 32))]),
+    "v1_flux": (
+        dict(R["flux_2k"], **COMPACT, lq_hidden_dim=8),
+        (64, 32),
+        2,
+        [(4, (32, 32)), (2, (32, 32)), (1, (32, 32))],
+    ),
     # sr 8, 1152-channel latent, nearest x8 (128 pixels a latent pixel: one latent pixel, batch 1; a narrow
     # adapter: its first conv has 1152 * 9 inputs an output channel)
     "v1_siglip": (dict(R["siglip_2k"], **COMPACT, lq_hidden_dim=8), (128, 128), 1, []),
@@ -45,8 +59,20 @@ CASES = {
     # v1.5 with the 2x2 latent unpatchify (128 -> 32 channels)
     "v1pt5_flux2": (dict(R["flux2_2kto4k_v1pt5"], **COMPACT, lq_hidden_dim=16), (64, 64), 2, []),
     # fold alignment (sr 1), original RoPE, interval 1
-    "x_fold_original_rope": (dict(mf.PID_SR4X, **COMPACT, lq_hidden_dim=8, sr_scale=1, rope_mode="original",
-                                  lq_interval=1, lq_gate_type="sigma_aware_per_token"), (32, 32), 2, []),
+    "x_fold_original_rope": (
+        dict(
+            mf.PID_SR4X,
+            **COMPACT,
+            lq_hidden_dim=8,
+            sr_scale=1,
+            rope_mode="original",
+            lq_interval=1,
+            lq_gate_type="sigma_aware_per_token",
+        ),
+        (32, 32),
+        2,
+        [],
+    ),
 }
 
 

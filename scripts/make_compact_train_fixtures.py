@@ -28,8 +28,18 @@ spec.loader.exec_module(mtf)
 
 # The compact pidnet set's widths (scripts/make_compact_fixtures.py): head dim 8, 4 patch blocks (two gate
 # applications at interval 2, and a last block whose text-output branch must stay frozen), one pixel block.
-COMPACT = dict(num_groups=1, hidden_size=8, pixel_hidden_size=4, pixel_attn_hidden_size=16, pixel_num_groups=2,
-               patch_depth=4, pixel_depth=1, txt_embed_dim=16, txt_max_length=8, repa_encoder_index=2)
+COMPACT = dict(
+    num_groups=1,
+    hidden_size=8,
+    pixel_hidden_size=4,
+    pixel_attn_hidden_size=16,
+    pixel_num_groups=2,
+    patch_depth=4,
+    pixel_depth=1,
+    txt_embed_dim=16,
+    txt_max_length=8,
+    repa_encoder_index=2,
+)
 # The teacher's adapter gradients sum over every token; at hidden 8 the float32 reference itself lands up to 10x
 # the 1e-4 bound away from a float64 rerun of upstream's loop, so its network is twice as wide (2 heads of 8) with
 # patch 8 to keep the file small.
@@ -46,6 +56,20 @@ if __name__ == "__main__":
 
     torch.manual_seed(mtf.SEED)
     mtf.step_fixture("teacher_v1pt5_flux", "v1pt5_flux", adapter_only=True, aux_weight=0.8)
-    mtf.step_fixture("full_v1_flux", "v1_flux", adapter_only=False, aux_weight=0.0,
-                     record=["s_embedder.", "t_embedder.", "y_embedder.", "y_pos_embedding", "patch_blocks.1.",
-                             "pixel_blocks.0.", "final_layer.", "lq_proj.latent_proj.0.", "lq_proj.gate_modules.0."])
+    mtf.step_fixture(
+        "full_v1_flux",
+        "v1_flux",
+        adapter_only=False,
+        aux_weight=0.0,
+        record=[
+            "s_embedder.",
+            "t_embedder.",
+            "y_embedder.",
+            "y_pos_embedding",
+            "patch_blocks.1.",
+            "pixel_blocks.0.",
+            "final_layer.",
+            "lq_proj.latent_proj.0.",
+            "lq_proj.gate_modules.0.",
+        ],
+    )

@@ -120,6 +120,7 @@ def test_demo_writes_images_atomically(tmp_path: Path, demo_run, decoder, record
             assert im.size == (4 * w + 3 * 4, h + demo.LABEL_H)
             assert json.loads(im.text["pid-jax"])["steps"] == record["default"]["steps"]
     assert "not NVIDIA's weights" in out["text"] and "| bicubic (PIL) |" in out["text"]
+
     # What is tested here is the writing: a stand-in decoder (bicubic) spares decoding the images again.
     class Bicubic:
         preset, cfg, timings = decoder.preset, decoder.cfg, {"decode_s": 0.0}

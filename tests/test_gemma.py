@@ -140,9 +140,7 @@ def test_full_size_manifest_maps_one_to_one() -> None:
 
 def test_key_table() -> None:
     assert map_key("model.layers.12.self_attn.o_proj.weight") == "layers.12.self_attn.o_proj.weight"
-    assert (
-        map_key("layers.3.post_feedforward_layernorm.weight") == "layers.3.post_feedforward_layernorm.weight"
-    )
+    assert map_key("layers.3.post_feedforward_layernorm.weight") == "layers.3.post_feedforward_layernorm.weight"
     assert map_key("model.norm.weight") == "norm.weight"
     assert map_key("model.layers.0.self_attn.rotary_emb.inv_freq") is None
     assert map_key("model.layers.0.self_attn.q_proj.bias") is None
@@ -206,9 +204,7 @@ def tiny_tokenizer_json(path: Path) -> Path:
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(["<pad>", "<eos>", "<bos>"])
-    tok.post_processor = tokenizers.processors.TemplateProcessing(
-        single="<bos> $A", special_tokens=[("<bos>", 2)]
-    )
+    tok.post_processor = tokenizers.processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
     tok.enable_padding(pad_id=0, pad_token="<pad>", length=7)  # must be ignored by CaptionTokenizer
     tok.save(str(path))
     return path

@@ -94,6 +94,7 @@ def test_deterministic_crops_dropout_and_epochs(tmp_path: Path) -> None:
     recs = [D.global_sample(3, 5, g) for g in range(10)]
     assert sorted(recs[:5]) == sorted(recs[5:]) == list(range(5)) and recs[:5] != recs[5:]
     assert a[0]["x0"].shape == (2, 3, 32, 32) and a[0]["x0"].min() >= -1 and a[0]["x0"].max() <= 1
+
     # Caption dropout: ~10% of samples get the null caption, decided by (seed, sample index).
     def dropped(g: int) -> bool:  # the loader's draws for a 40x48 image: crop row, crop column, then the drop
         r = np.random.default_rng([3, 1, g])

@@ -80,9 +80,24 @@ def test_two_processes_two_devices_each(setup) -> None:
     env = cli_env(d / "cache2", devices=2)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "pid_jax.cli", *common, "--out", str(out), "--coordinator", f"127.0.0.1:{port}",
-             "--num-processes", "2", "--process-id", str(i)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "pid_jax.cli",
+                *common,
+                "--out",
+                str(out),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
         for i in range(2)
     ]

@@ -84,9 +84,7 @@ class GemmaConfig:
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
         if self.head_dim % 2:
-            raise ConfigError(
-                f"gemma config: head_dim must be even for rotary embeddings, got {self.head_dim}"
-            )
+            raise ConfigError(f"gemma config: head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.hidden_activation not in _SUPPORTED_ACTIVATIONS:
             raise ConfigError(
                 f"gemma config: unsupported hidden_activation {self.hidden_activation!r} "
@@ -94,17 +92,12 @@ class GemmaConfig:
             )
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(
-                f"gemma config: layer_types has {len(self.layer_types)} entries "
-                f"for {self.num_hidden_layers} layers"
+                f"gemma config: layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers"
             )
         bad = sorted({t for t in self.layer_types if t not in (SLIDING, FULL)})
         if bad:
-            raise ConfigError(
-                f"gemma config: unsupported layer type(s) {bad} (expected {SLIDING!r} or {FULL!r})"
-            )
-        if SLIDING in self.layer_types and not (
-            isinstance(self.sliding_window, int) and self.sliding_window > 0
-        ):
+            raise ConfigError(f"gemma config: unsupported layer type(s) {bad} (expected {SLIDING!r} or {FULL!r})")
+        if SLIDING in self.layer_types and not (isinstance(self.sliding_window, int) and self.sliding_window > 0):
             raise ConfigError(
                 f"gemma config: sliding layers need a positive sliding_window, got {self.sliding_window!r}"
             )
@@ -172,9 +165,7 @@ class GemmaConfig:
         head_dim = d.get("head_dim")
         if head_dim is None:
             if not (isinstance(hidden, int) and isinstance(heads, int) and heads > 0):
-                raise ConfigError(
-                    "gemma config: head_dim absent and hidden_size / num_attention_heads invalid"
-                )
+                raise ConfigError("gemma config: head_dim absent and hidden_size / num_attention_heads invalid")
             head_dim = hidden // heads
         try:
             return cls(
@@ -190,9 +181,7 @@ class GemmaConfig:
                 query_pre_attn_scalar=get("query_pre_attn_scalar"),
                 # null here means "no soft-capping", so no default substitution.
                 attn_logit_softcapping=d.get("attn_logit_softcapping", _DEFAULTS["attn_logit_softcapping"]),
-                final_logit_softcapping=d.get(
-                    "final_logit_softcapping", _DEFAULTS["final_logit_softcapping"]
-                ),
+                final_logit_softcapping=d.get("final_logit_softcapping", _DEFAULTS["final_logit_softcapping"]),
                 sliding_window=d.get("sliding_window", _DEFAULTS["sliding_window"]),
                 layer_types=tuple(layer_types),
                 hidden_activation=act,

@@ -47,15 +47,11 @@ def resolve_model_dir(path_or_repo_id: str | os.PathLike, cache_dir: str | os.Pa
         from huggingface_hub import snapshot_download
 
         return Path(
-            snapshot_download(
-                s, cache_dir=cache_dir, allow_patterns=ALLOW_PATTERNS, local_files_only=_offline()
-            )
+            snapshot_download(s, cache_dir=cache_dir, allow_patterns=ALLOW_PATTERNS, local_files_only=_offline())
         )
     except Exception as e:  # network, auth, missing cache entry in offline mode, ...
         mode = " (offline: HF_HUB_OFFLINE is set and the files are not cached)" if _offline() else ""
-        raise CheckpointError(
-            f"cannot fetch {s} from the Hugging Face Hub{mode}: {type(e).__name__}: {e}"
-        ) from None
+        raise CheckpointError(f"cannot fetch {s} from the Hugging Face Hub{mode}: {type(e).__name__}: {e}") from None
 
 
 class CaptionEncoder:
@@ -111,17 +107,13 @@ class CaptionEncoder:
         """(input_ids, attention_mask, keep_index) exactly as upstream builds them."""
         return build_prompt_batch(self.tokenizer, captions, self.chi_lines, self.caption_max_tokens)
 
-    def encode(
-        self, captions: Sequence[str], return_mask: bool = False
-    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    def encode(self, captions: Sequence[str], return_mask: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """captions -> [B, caption_max_tokens, hidden] float32 (and the kept attention mask if asked)."""
         if self._state is None:
             raise InputError("CaptionEncoder.encode after release(): load the encoder again")
         ids, mask, keep = self.tokenize(captions)
         if ids.size and int(ids.max()) >= self.config.vocab_size:
-            raise InputError(
-                f"token id {int(ids.max())} is outside the model vocabulary ({self.config.vocab_size})"
-            )
+            raise InputError(f"token id {int(ids.max())} is outside the model vocabulary ({self.config.vocab_size})")
         hidden = self._forward(self._state, jnp.asarray(ids), jnp.asarray(mask))
         out = np.asarray(jnp.take(hidden, jnp.asarray(keep), axis=1).astype(jnp.float32))
         return (out, mask[:, keep]) if return_mask else out

@@ -167,9 +167,7 @@ class Gemma2MLP(nnx.Module):
 
 
 class Gemma2DecoderLayer(nnx.Module):
-    def __init__(
-        self, cfg: GemmaConfig, layer_idx: int, *, rngs: nnx.Rngs, param_dtype: jnp.dtype, dtype: jnp.dtype
-    ):
+    def __init__(self, cfg: GemmaConfig, layer_idx: int, *, rngs: nnx.Rngs, param_dtype: jnp.dtype, dtype: jnp.dtype):
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.self_attn = Gemma2Attention(cfg, **kw)
         self.mlp = Gemma2MLP(cfg, **kw)
@@ -216,9 +214,7 @@ class Gemma2Model(nnx.Module):
         if attention_mask is None:
             attention_mask = jnp.ones((b, length), jnp.bool_)
         # The normaliser is a compute-dtype tensor, as in transformers (matters in bf16 for odd widths).
-        x = self.embed_tokens(input_ids).astype(self.dtype) * jnp.asarray(
-            math.sqrt(cfg.hidden_size), self.dtype
-        )
+        x = self.embed_tokens(input_ids).astype(self.dtype) * jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
 
         pos = jnp.arange(length)
         causal = pos[None, :] <= pos[:, None]  # [query, key]

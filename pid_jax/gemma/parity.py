@@ -17,9 +17,7 @@ from pid_jax.parity import Row, compare
 __all__ = ["gemma_parity"]
 
 
-def gemma_parity(
-    model_dir: str | os.PathLike, io_npz: str | os.PathLike, dtype: str = "float32"
-) -> list[Row]:
+def gemma_parity(model_dir: str | os.PathLike, io_npz: str | os.PathLike, dtype: str = "float32") -> list[Row]:
     """Run the decoder on ``io.npz``'s ``input_ids``/``attention_mask`` and compare ``last_hidden_state``.
 
     ``model_dir`` holds ``config.json`` and the safetensors; parameters are loaded in ``dtype`` and the
@@ -34,9 +32,7 @@ def gemma_parity(
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{io_npz}: cannot read reference ({type(e).__name__}: {e})") from None
     if ids.ndim != 2 or mask.shape != ids.shape or ref.shape[:2] != ids.shape:
-        raise InputError(
-            f"{io_npz}: inconsistent shapes ids {ids.shape}, mask {mask.shape}, hidden {ref.shape}"
-        )
+        raise InputError(f"{io_npz}: inconsistent shapes ids {ids.shape}, mask {mask.shape}, hidden {ref.shape}")
     graphdef, state = nnx.split(load_gemma_model(model_dir, cfg, param_dtype=dtype, dtype=dtype))
     out = make_forward(graphdef)(state, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
     out = np.asarray(out.astype(jnp.float32))

@@ -133,14 +133,10 @@ class CaptionTokenizer:
         add_eos = bool(conf.get("add_eos_token", False))
         if ids["pad"] is None or (add_bos and ids["bos"] is None):
             raise ConfigError(f"{tokenizer_json}: tokenizer has no bos/pad token (ids {ids})")
-        return cls(
-            tok, bos_id=ids["bos"], pad_id=ids["pad"], eos_id=ids["eos"], add_bos=add_bos, add_eos=add_eos
-        )
+        return cls(tok, bos_id=ids["bos"], pad_id=ids["pad"], eos_id=ids["eos"], add_bos=add_bos, add_eos=add_eos)
 
     @classmethod
-    def from_dir(
-        cls, path: str | os.PathLike, fallback_ids: dict[str, int | None] | None = None
-    ) -> CaptionTokenizer:
+    def from_dir(cls, path: str | os.PathLike, fallback_ids: dict[str, int | None] | None = None) -> CaptionTokenizer:
         p = Path(path)
         if not (p / "tokenizer.json").is_file():
             raise ConfigError(f"{p}: no tokenizer.json")
@@ -180,9 +176,7 @@ def keep_positions(max_length: int, caption_max_tokens: int = CAPTION_MAX_TOKENS
     """Upstream ``[0] + list(range(-caption_max_tokens + 1, 0))`` as non-negative indices into max_length."""
     idx = np.array([0] + [max_length + k for k in range(-caption_max_tokens + 1, 0)], np.int64)
     if (idx < 0).any():
-        raise InputError(
-            f"sequence length {max_length} is shorter than the {caption_max_tokens - 1} kept tail tokens"
-        )
+        raise InputError(f"sequence length {max_length} is shorter than the {caption_max_tokens - 1} kept tail tokens")
     return idx
 
 

@@ -241,6 +241,7 @@ def cmd_vae_decode(args: argparse.Namespace) -> int:
 
 def _common(s: argparse.ArgumentParser) -> None:
     from pid_jax.cli import DTYPE_HELP
+
     s.add_argument("--vae-checkpoint", help="the VAE weights (default: the released file from the Hub)")
     s.add_argument("--vae-config", help="VAE config JSON for a non-released size (e.g. a fixture's config.json)")
     s.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help=DTYPE_HELP)
