@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import pidnet_files
-from train_helpers import TINY_NETWORK, cli_env, make_images, run_cli, tiny_preset
+from train_helpers import TINY_NETWORK, make_images, tiny_preset
 
 from pid_jax import weights
 from pid_jax.cli import main
@@ -104,19 +104,6 @@ def test_vae_decode_infers_the_kind_from_its_config(tmp_path: Path, capsys) -> N
     assert msg == f"error: --vae-config {cfg} is a flux VAE, but 'sdxl' was asked for"
     msg = _one_error(capsys, ["vae-decode", "--latent", tmp_path / "z.npy", "--out", tmp_path / "w.png"])
     assert "give --backbone NAME or --vae KIND (or a --vae-config, which names its kind)" in msg
-
-
-def test_default_batch_is_the_device_count(tmp_path: Path) -> None:
-    """On a 4-device host `pid-jax train` without --batch trains a batch of 4 (was: 1, refused by the mesh)."""
-    preset = tiny_preset(tmp_path)
-    data = make_images(tmp_path / "data", 4, 40, 40)
-    env = cli_env(tmp_path / "xla", devices=4)
-    out = tmp_path / "run"
-    argv = ["train", "--config", str(preset), "--data", str(data), "--steps", "1", "--size", "32x32", "--out",
-            str(out), "--stage", "full", "--no-export"]  # fmt: skip
-    proc = run_cli(argv, env)
-    assert "batch 4 on mesh 4x1" in proc.stderr + proc.stdout
-    assert json.loads((out / "run.json").read_text())["batch"] == 4
 
 
 def test_blending_chunk_by_chunk_equals_blending_all() -> None:

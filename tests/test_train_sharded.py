@@ -1,7 +1,13 @@
-"""The train state sharded over 4 (forced CPU) devices, with a data x seq mesh, ends with the same parameters as
-one device (relative L2 <= 1e-5), and a run resumes from an Orbax checkpoint written with another mesh shape."""
+"""Training over several devices ends with the same parameters as one device (relative L2 <= 1e-5): the train state
+sharded over 4 forced CPU devices (data x seq meshes), replicated data parallel, and 2 processes x 2 devices
+(jax.distributed on localhost); a run resumes from an Orbax checkpoint written with another mesh shape. One
+single-device reference run serves every comparison."""
 
 from __future__ import annotations
+
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -74,7 +80,7 @@ def test_sharded_state_matches_one_device(setup, mesh: str) -> None:
     run_cli([*common, "--steps", "2", "--out", str(out), "--mesh", mesh, "--shard-state", "on"], env)
     assert "train state sharded over the mesh" in (out / "log.txt").read_text()
     _compare(_final(one, 2), _final(out), 2)
-    # resume on another mesh shape (and replicated): Orbax restores into the new shardings
+    # resume on another mesh shape (2x2: replicated data parallel on 4x1): Orbax restores into the new shardings
     other = {"4x1": ("1x4", "on"), "2x2": ("4x1", "off")}[mesh]
     resume = ["--steps", "4", "--out", str(out), "--resume", "--mesh", other[0], "--shard-state", other[1]]
     run_cli([*common, *resume], env)
@@ -104,3 +110,56 @@ def test_memory_table_counts_the_shards(tmp_path) -> None:
     assert sharded["state"] == pytest.approx(rep["state"] / 4)
     assert sharded["args"] < 0.5 * rep["args"], (rep, sharded)
     assert lines[1].startswith("| stage |") and len(lines) == 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_two_devices_each(setup) -> None:
+    """Each process reads its half of every batch and holds two of the four devices; the state is replicated.
+    Without --batch the global batch is the device count (4; it once defaulted to 1, which the mesh refused)."""
+    d, common, one = setup
+    i = common.index("--batch")
+    common = common[:i] + common[i + 2 :]
+    out = d / "procs"
+    port = _free_port()
+    env = cli_env(d / "cache_procs", devices=2)
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pid_jax.cli",
+                *common,
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        results = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    log = results[0][1]
+    assert "batch 4 on mesh 4x1 (2 process(es))" in log and "train state replicated" in log, log[-2000:]
+    _compare(_final(one, 2), _final(out), 2)
