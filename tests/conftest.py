@@ -86,9 +86,43 @@ TEACHER_SAMPLER_CASES = list(FIXTURE_SET.sampler_teacher)
 DISTILL_CASES = list(FIXTURE_SET.distill)
 
 
+# One persistent XLA compilation cache for the whole run, shared by the xdist workers (they inherit the
+# controller's environment) and by every CLI subprocess (`train_helpers.cli_env`): the same tiny networks are
+# compiled by many files, and on 2 cores compiling is most of the suite. Made fresh per run (never ~/.cache), so
+# every run starts cold and a result never depends on an earlier run. PID_JAX_TEST_XLA_CACHE=0 turns it off.
+SUITE_CACHE_ENV = "PID_JAX_TEST_XLA_CACHE"
+_OWNED_CACHE = pytest.StashKey[str]()
+
+
+def suite_compilation_cache() -> str | None:
+    d = os.environ.get(SUITE_CACHE_ENV)
+    return None if d == "0" else d
+
+
 def pytest_configure(config: pytest.Config) -> None:
     if _FIXTURE_ERROR:
         raise pytest.UsageError(_FIXTURE_ERROR)
+    if SUITE_CACHE_ENV not in os.environ:  # the controller (or a run without xdist): workers inherit it
+        import tempfile
+
+        os.environ[SUITE_CACHE_ENV] = tempfile.mkdtemp(prefix="pid-jax-test-xla-")
+        config.stash[_OWNED_CACHE] = os.environ[SUITE_CACHE_ENV]
+    d = suite_compilation_cache()
+    if d:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", d)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    d = config.stash.get(_OWNED_CACHE, None)
+    if d:
+        import shutil
+
+        shutil.rmtree(d, ignore_errors=True)
+        os.environ.pop(SUITE_CACHE_ENV, None)
+
 
 
 # The slowest files (measured with --durations on a 2-core CPU), started first: `-n auto --dist loadfile` hands

@@ -76,7 +76,9 @@ def make_images(directory: Path, n: int, height: int, width: int, seed: int = 0,
 
 def cli_env(cache: Path, devices: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    env["PID_JAX_COMPILATION_CACHE"] = str(cache)  # later runs of the same program skip the compile
+    # later runs of the same program skip the compile: the suite's shared cache (conftest), else this one
+    shared = os.environ.get("PID_JAX_TEST_XLA_CACHE", "0")
+    env["PID_JAX_COMPILATION_CACHE"] = shared if shared != "0" else str(cache)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.pop("PID_JAX_TEST_KILL_AFTER_SAVE", None)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
