@@ -124,7 +124,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         os.environ.pop(SUITE_CACHE_ENV, None)
 
 
-
 # The slowest files (measured with --durations on a 2-core CPU), started first: `-n auto --dist loadfile` hands
 # files to the workers in collection order, and a long file started last keeps one worker busy alone at the end.
 SLOW_FIRST = (
