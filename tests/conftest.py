@@ -88,18 +88,14 @@ DISTILL_CASES = list(FIXTURE_SET.distill)
 
 # One persistent XLA compilation cache for the whole run, shared by the xdist workers (they inherit the
 # controller's environment) and by every CLI subprocess (`train_helpers.cli_env`): the same tiny networks are
-# compiled by many files, and on 2 cores compiling is most of the suite. Made fresh per run (never ~/.cache), so
-# every run starts cold and a result never depends on an earlier run. PID_JAX_TEST_XLA_CACHE=0 turns it off.
-SUITE_CACHE_ENV = "PID_JAX_TEST_XLA_CACHE"
+# compiled by many files. Made fresh per run (never ~/.cache), so every run starts cold and a result never
+# depends on an earlier run. PID_JAX_TEST_XLA_CACHE=0 turns it off.
 _OWNED_CACHE = pytest.StashKey[str]()
 
 
-def suite_compilation_cache() -> str | None:
-    d = os.environ.get(SUITE_CACHE_ENV)
-    return None if d == "0" else d
-
-
 def pytest_configure(config: pytest.Config) -> None:
+    from train_helpers import SUITE_CACHE_ENV, suite_compilation_cache
+
     if _FIXTURE_ERROR:
         raise pytest.UsageError(_FIXTURE_ERROR)
     if SUITE_CACHE_ENV not in os.environ:  # the controller (or a run without xdist): workers inherit it
@@ -116,6 +112,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    from train_helpers import SUITE_CACHE_ENV
+
     d = config.stash.get(_OWNED_CACHE, None)
     if d:
         import shutil

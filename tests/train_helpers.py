@@ -74,11 +74,18 @@ def make_images(directory: Path, n: int, height: int, width: int, seed: int = 0,
     return d
 
 
+SUITE_CACHE_ENV = "PID_JAX_TEST_XLA_CACHE"  # set by conftest: the run's shared compilation cache; "0" = none
+
+
+def suite_compilation_cache() -> str | None:
+    d = os.environ.get(SUITE_CACHE_ENV)
+    return None if d == "0" else d
+
+
 def cli_env(cache: Path, devices: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    # later runs of the same program skip the compile: the suite's shared cache (conftest), else this one
-    shared = os.environ.get("PID_JAX_TEST_XLA_CACHE", "0")
-    env["PID_JAX_COMPILATION_CACHE"] = shared if shared != "0" else str(cache)
+    # later runs of the same program skip the compile: the suite's shared cache, else this one
+    env["PID_JAX_COMPILATION_CACHE"] = suite_compilation_cache() or str(cache)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.pop("PID_JAX_TEST_KILL_AFTER_SAVE", None)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
